@@ -1,0 +1,80 @@
+"""Shared fixtures: Hydra composition of the real config tree and a tiny synthetic corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Small enough to generate in seconds; shape-compatible with the tiny VAE (1 + 4k frames, 8x spatial).
+TINY_SYNTHETIC = {
+    "num_train": 24,
+    "num_val": 8,
+    "num_frames": 9,
+    "height": 32,
+    "width": 32,
+    "fps": 8,
+    "keyframe_interval": 4,
+}
+TINY_RUN = [
+    "data.num_frames=5",
+    "data.height=32",
+    "data.width=32",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "data.num_workers=0",
+    "data.batches_per_epoch=4",
+    "data.val_batches=2",
+    "logger=none",
+    "trainer.max_steps=8",
+    "trainer.log_every_n_steps=1",
+    "module.warmup_steps=2",
+]
+TINY_CALLBACKS = ["callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as ``@hydra.main`` would, with the run dir at ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic corpus shared by the whole session."""
+    from data_prep.synthetic import ensure_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    ensure_synthetic_corpus(root, seed=0, **TINY_SYNTHETIC)
+    return root
+
+
+@pytest.fixture
+def tiny_train_cfg(tmp_path: Path, synthetic_root: Path):
+    """Factory: the train config with the tiny synthetic corpus and tiny run sizes, plus extra overrides."""
+
+    def make(*extra: str, config_name: str = "train") -> DictConfig:
+        corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
+        callbacks = TINY_CALLBACKS if config_name == "train" else []
+        overrides = [f"paths.root_dir={tmp_path}", *corpus, *TINY_RUN, *callbacks, *extra]
+        return compose_config(config_name, overrides, tmp_path / "run")
+
+    return make

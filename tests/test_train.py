@@ -1,0 +1,58 @@
+"""End to end: train.py and evaluate.py on the tiny synthetic corpus through the real config tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from evaluate import evaluate
+from tests.conftest import CONF_DIR
+from train import train
+
+
+def test_train_writes_config_checkpoints_and_metrics(tiny_train_cfg):
+    cfg = tiny_train_cfg()
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+
+    saved = OmegaConf.load(out / "config_resolved.yaml")
+    assert saved.data.batch_size == 2 and "${" not in OmegaConf.to_yaml(saved)
+    for key in ("train/loss", "val/loss", "val/psnr", "val/psnr_mean_frame"):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key]))
+
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in ckpts} >= {"last.ckpt", "step0000004.ckpt", "step0000008.ckpt"}
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert ckpt["vdm_config"]["model"]["_target_"] == "vdm.models.vae.VideoVAE"
+    assert ckpt["vdm_config"]["data"]["num_frames"] == 5
+
+
+def test_evaluate_reports_metrics_of_a_checkpoint(tiny_train_cfg, tmp_path):
+    train_cfg = tiny_train_cfg("validate=false")
+    train(train_cfg)
+    ckpt = Path(train_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    cfg = tiny_train_cfg(f"ckpt_path={ckpt}", config_name="evaluate")
+    metrics = evaluate(cfg)
+    assert metrics["val/psnr"] > 0
+    assert (Path(cfg.paths.output_dir) / "metrics.json").exists()
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tiny_train_cfg):
+    first = tiny_train_cfg("trainer.max_steps=4", "validate=false")
+    train(first)
+    ckpt = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = tiny_train_cfg("trainer.max_steps=8", f"ckpt_path={ckpt}", "validate=false")
+    train(resumed)
+    last = torch.load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8
+
+
+@pytest.mark.parametrize("experiment", [p.stem for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))])
+def test_every_experiment_fast_dev_run(tiny_train_cfg, experiment):
+    cfg = tiny_train_cfg(f"experiment={experiment}", "trainer.fast_dev_run=true")
+    metrics = train(cfg)
+    assert "train/loss" in metrics

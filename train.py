@@ -1,0 +1,71 @@
+"""Train a vdm stage: ``python train.py [stage=vae] [overrides...]`` (see README)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from vdm.utils.config_check import validate_config
+from vdm.utils.runtime import configure_torch, resolved_config, save_resolved_config, scalar_metrics
+
+log = logging.getLogger("vdm.train")
+
+
+def prepare_corpus(cfg: DictConfig) -> None:
+    """Generate the built-in synthetic corpus on first use (no-op when it exists or a real corpus is set)."""
+    if cfg.get("synthetic") is None:
+        return
+    from data_prep.synthetic import ensure_synthetic_corpus
+
+    ensure_synthetic_corpus(**cfg.synthetic)
+
+
+def instantiate_trainer(cfg: DictConfig) -> Any:
+    """Trainer with the configured callbacks and loggers."""
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def instantiate_module(cfg: DictConfig) -> Any:
+    """The stage's LightningModule around a freshly built model, carrying the resolved run config."""
+    model = hydra.utils.instantiate(cfg.model)
+    optimizer = hydra.utils.instantiate(cfg.optimizer)
+    return hydra.utils.instantiate(cfg.module, model=model, optimizer=optimizer, run_config=resolved_config(cfg))
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build and fit; returns the final metrics (validation metrics when ``validate``)."""
+    validate_config(cfg)
+    save_resolved_config(resolved_config(cfg), cfg.paths.output_dir)
+    configure_torch(cfg.float32_matmul_precision)
+
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_corpus(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = instantiate_module(cfg)
+    trainer = instantiate_trainer(cfg)
+
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = scalar_metrics(trainer.callback_metrics)
+    if cfg.validate and not trainer.fast_dev_run:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in results[0].items()})
+    log.info("final metrics: %s", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Run-level set-up that belongs to the entry points, not to import time."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def configure_torch(float32_matmul_precision: str = "high") -> None:
+    """Matmul precision (TF32 on Ampere+ when 'high'); called once by train.py / evaluate.py."""
+    import torch
+
+    torch.set_float32_matmul_precision(float32_matmul_precision)
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as a plain, fully resolved dict (no Hydra runtime node): what checkpoints store."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    return plain
+
+
+def _global_rank() -> int:
+    """Rank from the launcher's environment (torchrun, SLURM, Lightning), 0 when not distributed."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def save_resolved_config(cfg: Mapping[str, Any], output_dir: str | Path) -> Path | None:
+    """Write ``config_resolved.yaml`` into the run's output dir (rank zero only) and return its path."""
+    if _global_rank() != 0:
+        return None
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config_resolved.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+    log.info("resolved config written to %s", path)
+    return path
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Trainer metrics (tensors) as plain floats, for return values and JSON."""
+    import torch
+
+    out = {}
+    for key, value in metrics.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
