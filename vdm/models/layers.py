@@ -1,0 +1,199 @@
+"""Causal 3D building blocks shared by the video autoencoder and its discriminator.
+
+Every block here is causal in time: output frame ``t`` depends only on input frames ``<= t``.
+Two choices make that hold exactly rather than approximately:
+
+- ``CausalConv3d`` pads only the past (never the future) and is the single place where temporal
+  padding happens, so a streaming cache of past frames can later replace that padding.
+- ``CausalGroupNorm`` takes its statistics per frame; a GroupNorm over (C/G, T, H, W) would let
+  future frames shift the normalisation of past ones.
+
+Tensors are ``B C T H W``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Size3 = int | tuple[int, int, int]
+
+
+def _triple(value: Size3, name: str) -> tuple[int, int, int]:
+    """Expand an int to (t, h, w); validate a given tuple."""
+    if isinstance(value, int):
+        return (value, value, value)
+    values = tuple(int(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must be an int or a (t, h, w) triple, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution that is causal in time and 'same'-padded in space.
+
+    The temporal receptive field ``dilation_t * (kernel_t - 1)`` is padded at the front by
+    replicating the first frame. Replicate rather than zeros: a 1-frame input (an image) is then
+    seen by every kernel as a static clip, so the first frame of a video and an image encode the
+    same way, and no artificial black frame is injected at the clip start (which zero padding
+    would, biasing the first latent frame). Spatial padding is symmetric zeros, so spatial kernels
+    must be odd.
+
+    Shapes: (B, C_in, T, H, W) -> (B, C_out, 1 + (T - 1) // stride_t, H', W') where H', W' follow
+    the usual strided convolution with padding ``dilation * (kernel - 1) // 2``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size3 = 3,
+        stride: Size3 = 1,
+        dilation: Size3 = 1,
+        bias: bool = True,
+    ) -> None:
+        kernel = _triple(kernel_size, "kernel_size")
+        strides = _triple(stride, "stride")
+        dilations = _triple(dilation, "dilation")
+        if min(kernel) < 1 or min(strides) < 1 or min(dilations) < 1:
+            raise ValueError(
+                f"kernel_size, stride and dilation must be >= 1, got {kernel}, {strides}, {dilations}"
+            )
+        if kernel[1] % 2 == 0 or kernel[2] % 2 == 0:
+            raise ValueError(
+                f"CausalConv3d pads space symmetrically, so spatial kernel sizes must be odd; "
+                f"got kernel_size={kernel} (use e.g. (k_t, 3, 3))"
+            )
+        spatial_padding = (dilations[1] * (kernel[1] - 1) // 2, dilations[2] * (kernel[2] - 1) // 2)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel,
+            stride=strides,
+            padding=(0, *spatial_padding),
+            dilation=dilations,
+            bias=bias,
+        )
+        self.time_padding = dilations[0] * (kernel[0] - 1)
+
+    def pad_time(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend ``time_padding`` copies of the first frame: (B, C, T, H, W) -> (B, C, P + T, H, W)."""
+        if self.time_padding == 0:
+            return x
+        first = x[:, :, :1].expand(-1, -1, self.time_padding, -1, -1)
+        return torch.cat([first, x], dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, T, H, W) -> (B, C_out, 1 + (T - 1) // stride_t, H', W')."""
+        return super().forward(self.pad_time(x))
+
+
+class CausalGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame, computed in float32.
+
+    Per-frame statistics keep the block causal (and make results independent of how a long clip
+    is later split into chunks); fp32 avoids variance underflow/overflow under bf16/fp16 autocast.
+    Shapes: (B, C, T, H, W) -> (B, C, T, H, W), same dtype as the input.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, T, H, W)."""
+        frames = rearrange(x, "b c t h w -> (b t) c h w").float()
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.group_norm(frames, self.num_groups, weight, bias, self.eps)
+        return rearrange(out.to(x.dtype), "(b t) c h w -> b c t h w", t=x.shape[2])
+
+
+def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Apply ``fn(x)``, recomputing its activations in backward when ``enabled`` and autograd records.
+
+    Non-reentrant checkpointing restores the RNG state (dropout) on recomputation, so outputs and
+    gradients match the plain call.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, x, use_reentrant=False)
+    return fn(x)
+
+
+class ResBlock3d(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, CausalConv3d) x 2 plus a shortcut.
+
+    The shortcut is a 1x1x1 conv when the channel count changes, identity otherwise.
+    Shapes: (B, C_in, T, H, W) -> (B, C_out, T, H, W).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 16
+    ) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.norm1 = CausalGroupNorm(norm_groups, in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = CausalGroupNorm(norm_groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.shortcut: nn.Module = (
+            nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, T, H, W) -> (B, C_out, T, H, W)."""
+        return checkpointed(self._forward, x, self.gradient_checkpointing)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # B C_out T H W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # B C_out T H W
+        return self.shortcut(x) + h
+
+
+class Downsample3d(nn.Module):
+    """Halve H and W, and optionally compress time as T = 1 + 2k -> 1 + k.
+
+    One causal 3x3x3 conv with stride (s_t, 2, 2). With s_t = 2 and two replicated pad frames,
+    output frame 0 sees only input frame 0 (the first frame is encoded on its own, so an image is
+    a 1-frame video) and output frame i >= 1 sees input frames 2i-2..2i, i.e. the remaining
+    frames are strided by 2 without ever looking ahead.
+    Shapes: (B, C, T, H, W) -> (B, C, 1 + (T - 1) // s_t, H / 2, W / 2).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.temporal = temporal
+        self.conv = CausalConv3d(channels, channels, 3, stride=(2 if temporal else 1, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, 1 + (T - 1) // s_t, H / 2, W / 2)."""
+        return checkpointed(self.conv, x, self.gradient_checkpointing)
+
+
+class Upsample3d(nn.Module):
+    """Double H and W (nearest), optionally expand time as 1 + k -> 1 + 2k, then a causal conv.
+
+    In time the first frame is kept once and every later frame is repeated twice, mirroring
+    ``Downsample3d``: output frames 2i-1 and 2i come from input frame i, so the block stays causal.
+    Shapes: (B, C, T, H, W) -> (B, C, 1 + s_t * (T - 1), 2H, 2W).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.temporal = temporal
+        self.conv = CausalConv3d(channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, 1 + s_t * (T - 1), 2H, 2W)."""
+        return checkpointed(self._forward, x, self.gradient_checkpointing)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.temporal:
+            rest = repeat(x[:, :, 1:], "b c t h w -> b c (t st) h w", st=2)  # B C 2(T-1) H W
+            x = torch.cat([x[:, :, :1], rest], dim=2)  # B C 1+2(T-1) H W
+        x = repeat(x, "b c t h w -> b c t (h sh) (w sw)", sh=2, sw=2)  # B C T' 2H 2W
+        return self.conv(x)

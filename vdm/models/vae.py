@@ -1,0 +1,335 @@
+"""Causal 3D video VAE (stage 1): pixels (B, 3, 1 + tc*k, H, W) <-> latents (B, L, 1 + k, H/sc, W/sc).
+
+The encoder and decoder are convolution-only stacks of causal blocks from ``layers.py``:
+
+- every temporal operation is causal, so latent frame i depends only on input frames <= tc*i and
+  decoded frame m only on latent frames <= ceil(m / tc);
+- the first frame is compressed on its own, so an image is a 1-frame video and its latent equals
+  the first latent frame of any clip that starts with it.
+
+Encoder and decoder are flat lists of blocks, so a per-block streaming cache can be threaded
+through them without changing the module tree (and hence the state_dict keys).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vdm.models.layers import CausalConv3d, CausalGroupNorm, Downsample3d, ResBlock3d, Upsample3d
+
+LOGVAR_MIN = -30.0
+LOGVAR_MAX = 20.0
+
+
+class DiagonalGaussian:
+    """Diagonal Gaussian posterior q(z | x) over latents of shape (B, L, T, H, W).
+
+    Statistics are kept in float32 whatever the encoder's dtype, so sampling noise and the KL term
+    do not lose precision under bf16 autocast. ``logvar`` is clamped to [-30, 20] so ``exp`` can
+    neither underflow to a zero std nor overflow.
+    """
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        if mean.shape != logvar.shape:
+            raise ValueError(f"mean and logvar shapes differ: {tuple(mean.shape)} vs {tuple(logvar.shape)}")
+        self.mean = mean.float()
+        self.logvar = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussian:
+        """Split encoder output (B, 2L, T, H, W) into mean and logvar along channels."""
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return cls(mean, logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised sample mean + std * eps, (B, L, T, H, W) float32."""
+        eps = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        """Posterior mode (= mean), (B, L, T, H, W) float32."""
+        return self.mean
+
+    def kl(self, reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, shape (B,).
+
+        ``"sum"`` sums over L, T, H, W (the ELBO term, grows with clip size); ``"mean"`` averages
+        over latent elements (resolution independent, convenient for a fixed loss weight).
+        """
+        kl = 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar)  # B L T H W
+        dims = tuple(range(1, kl.ndim))
+        if reduction == "sum":
+            return kl.sum(dim=dims)
+        if reduction == "mean":
+            return kl.mean(dim=dims)
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+class Encoder3d(nn.Module):
+    """Causal 3D encoder: (B, C, T, H, W) -> moments (B, 2L, 1 + (T - 1) / tc, H / sc, W / sc)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        latent_channels: int,
+        base_channels: int,
+        channel_mults: tuple[int, ...],
+        num_res_blocks: int,
+        temporal_downsample: tuple[bool, ...],
+        dropout: float,
+        norm_groups: int,
+    ) -> None:
+        super().__init__()
+        self.conv_in = CausalConv3d(in_channels, base_channels, 3)
+        blocks: list[nn.Module] = []
+        channels = base_channels
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock3d(channels, base_channels * mult, dropout, norm_groups))
+                channels = base_channels * mult
+            if level < len(channel_mults) - 1:
+                blocks.append(Downsample3d(channels, temporal=temporal_downsample[level]))
+        blocks += [ResBlock3d(channels, channels, dropout, norm_groups) for _ in range(2)]  # mid
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = CausalGroupNorm(norm_groups, channels)
+        self.conv_out = CausalConv3d(channels, 2 * latent_channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, 2L, Tz, h, w)."""
+        h = self.conv_in(x)  # B base T H W
+        for block in self.blocks:
+            h = block(h)  # B ch T' H' W'
+        return self.conv_out(F.silu(self.norm_out(h)))  # B 2L Tz h w
+
+
+class Decoder3d(nn.Module):
+    """Causal 3D decoder: (B, L, Tz, h, w) -> (B, C, 1 + tc * (Tz - 1), h * sc, w * sc)."""
+
+    def __init__(
+        self,
+        out_channels: int,
+        latent_channels: int,
+        base_channels: int,
+        channel_mults: tuple[int, ...],
+        num_res_blocks: int,
+        temporal_downsample: tuple[bool, ...],
+        dropout: float,
+        norm_groups: int,
+    ) -> None:
+        super().__init__()
+        channels = base_channels * channel_mults[-1]
+        self.conv_in = CausalConv3d(latent_channels, channels, 3)
+        blocks: list[nn.Module] = [ResBlock3d(channels, channels, dropout, norm_groups) for _ in range(2)]
+        for level in reversed(range(len(channel_mults))):
+            # one block more than the encoder per level, as in the LDM/SD autoencoder
+            for _ in range(num_res_blocks + 1):
+                out_channels_level = base_channels * channel_mults[level]
+                blocks.append(ResBlock3d(channels, out_channels_level, dropout, norm_groups))
+                channels = out_channels_level
+            if level > 0:
+                blocks.append(Upsample3d(channels, temporal=temporal_downsample[level - 1]))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = CausalGroupNorm(norm_groups, channels)
+        self.conv_out = CausalConv3d(channels, out_channels, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, L, Tz, h, w) -> (B, C, T, H, W), unbounded (no tanh), trained towards [-1, 1]."""
+        h = self.conv_in(z)  # B ch Tz h w
+        for block in self.blocks:
+            h = block(h)  # B ch T' H' W'
+        return self.conv_out(F.silu(self.norm_out(h)))  # B C T H W
+
+
+def _validate_config(
+    in_channels: int,
+    latent_channels: int,
+    base_channels: int,
+    channel_mults: tuple[int, ...],
+    num_res_blocks: int,
+    temporal_downsample: tuple[bool, ...],
+    dropout: float,
+    norm_groups: int,
+) -> None:
+    """Raise ValueError with a fix-it message for any inconsistent VideoVAE argument."""
+    if in_channels < 1 or latent_channels < 1 or base_channels < 1:
+        raise ValueError(
+            f"in_channels, latent_channels and base_channels must be >= 1, got "
+            f"{in_channels}, {latent_channels}, {base_channels}"
+        )
+    if len(channel_mults) == 0 or min(channel_mults) < 1:
+        raise ValueError(f"channel_mults must be a non-empty sequence of ints >= 1, got {channel_mults}")
+    if len(temporal_downsample) != len(channel_mults) - 1:
+        raise ValueError(
+            f"len(temporal_downsample) must equal len(channel_mults) - 1 = {len(channel_mults) - 1} "
+            f"(one flag per downsampling level), got {len(temporal_downsample)}: {temporal_downsample}"
+        )
+    if num_res_blocks < 1:
+        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if norm_groups < 1 or base_channels % norm_groups != 0:
+        raise ValueError(
+            f"base_channels ({base_channels}) must be divisible by norm_groups ({norm_groups}); "
+            f"pick norm_groups from the divisors of base_channels, e.g. "
+            f"{math.gcd(base_channels, max(norm_groups, 1))}"
+        )
+
+
+class VideoVAE(nn.Module):
+    """Causal 3D video VAE.
+
+    Videos are (B, C, T, H, W) in [-1, 1] with T = 1 + tc * k and H, W divisible by sc, where
+    sc = 2 ** (len(channel_mults) - 1) and tc = 2 ** sum(temporal_downsample). Latents are
+    (B, L, 1 + k, H / sc, W / sc). Defaults give sc = 8, tc = 4, L = 4.
+
+    Args:
+        in_channels: pixel channels C.
+        latent_channels: latent channels L.
+        base_channels: width of the first (full-resolution) level.
+        channel_mults: width multiplier per level; one spatial 2x downsample between levels.
+        num_res_blocks: residual blocks per encoder level (the decoder uses one more).
+        temporal_downsample: per downsample (len(channel_mults) - 1 flags), whether it also
+            halves time (1 + 2k -> 1 + k).
+        dropout: dropout inside residual blocks.
+        norm_groups: GroupNorm groups; must divide base_channels.
+        gradient_checkpointing: recompute every block's activations in backward.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        base_channels: int = 64,
+        channel_mults: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        temporal_downsample: Sequence[bool] = (False, True, True),
+        dropout: float = 0.0,
+        norm_groups: int = 16,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        mults = tuple(int(m) for m in channel_mults)
+        temporal = tuple(bool(flag) for flag in temporal_downsample)
+        config = (
+            in_channels, latent_channels, base_channels, mults, num_res_blocks, temporal, dropout, norm_groups
+        )
+        _validate_config(*config)
+        self.in_channels = in_channels
+        self.latent_channels = latent_channels
+        self.channel_mults = mults
+        self.temporal_downsample = temporal
+        self.encoder = Encoder3d(*config)
+        self.decoder = Decoder3d(*config)
+        self.initialize_weights()
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform convs with zero bias; zero the second conv of every residual block.
+
+        Zeroing ``conv2`` makes each residual block the identity at init (Goyal et al. 2017,
+        "Fixup"-style), so the deep stack starts as the short path conv_in -> resamplers ->
+        conv_out and gradients reach every level with unit-scale activations.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ResBlock3d):
+                nn.init.zeros_(module.conv2.weight)
+                nn.init.zeros_(module.conv2.bias)
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along H and W."""
+        return 2 ** (len(self.channel_mults) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        """Frames per latent frame after the first (T = 1 + tc * (Tz - 1))."""
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def last_decoder_layer(self) -> nn.Parameter:
+        """Weight of the decoder's final conv (for the adaptive GAN loss weight)."""
+        return self.decoder.conv_out.weight
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether every encoder/decoder block recomputes its activations in backward."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self._gradient_checkpointing = bool(enabled)
+        for block in [*self.encoder.blocks, *self.decoder.blocks]:
+            block.gradient_checkpointing = self._gradient_checkpointing
+
+    def latent_shape(self, video_shape: Sequence[int]) -> tuple[int, ...]:
+        """Latent shape for a (B, C, T, H, W) or (C, T, H, W) video shape (leading B kept)."""
+        if len(video_shape) not in (4, 5):
+            raise ValueError(f"video_shape must be (B, C, T, H, W) or (C, T, H, W), got {tuple(video_shape)}")
+        *batch, channels, frames, height, width = (int(s) for s in video_shape)
+        self._check_video_dims(channels, frames, height, width)
+        sc, tc = self.spatial_compression, self.temporal_compression
+        return (*batch, self.latent_channels, 1 + (frames - 1) // tc, height // sc, width // sc)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Posterior over latents for x (B, C, T, H, W) in [-1, 1]; latents (B, L, Tz, H/sc, W/sc)."""
+        if x.ndim != 5:
+            raise ValueError(f"encode expects a (B, C, T, H, W) video, got shape {tuple(x.shape)}")
+        self._check_video_dims(*x.shape[1:])
+        return DiagonalGaussian.from_moments(self.encoder(x))  # B 2L Tz h w -> q(z|x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruct (B, C, 1 + tc * (Tz - 1), h * sc, w * sc) from latents z (B, L, Tz, h, w)."""
+        if z.ndim != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"decode expects latents (B, {self.latent_channels}, Tz, h, w), got shape {tuple(z.shape)}"
+            )
+        return self.decoder(z)
+
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Encode and decode x (B, C, T, H, W); returns (x_hat of the same shape, posterior).
+
+        With ``sample_posterior=False`` the posterior mode is decoded (deterministic).
+        """
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()  # B L Tz h w
+        x_hat = self.decode(z.to(x.dtype))  # B C T H W
+        return x_hat, posterior
+
+    def _check_video_dims(self, channels: int, frames: int, height: int, width: int) -> None:
+        """Raise ValueError naming the nearest valid sizes when a video cannot be compressed."""
+        sc, tc = self.spatial_compression, self.temporal_compression
+        if channels != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} video channels, got {channels}")
+        if frames < 1 or (frames - 1) % tc != 0:
+            lower = 1 + tc * max((frames - 1) // tc, 0)
+            raise ValueError(
+                f"number of frames must be T = 1 + {tc}*k (temporal_compression={tc}); got T={frames}, "
+                f"use T={lower} or T={lower + tc}"
+            )
+        for name, size in (("H", height), ("W", width)):
+            if size < sc or size % sc != 0:
+                lower = max(sc * (size // sc), sc)
+                raise ValueError(
+                    f"{name} must be a positive multiple of spatial_compression={sc}; got {name}={size}, "
+                    f"use {name}={lower} or {name}={lower + sc}"
+                )
