@@ -34,7 +34,9 @@ def instantiate_module(cfg: DictConfig) -> Any:
     """The stage's LightningModule around a freshly built model, carrying the resolved run config."""
     model = hydra.utils.instantiate(cfg.model)
     optimizer = hydra.utils.instantiate(cfg.optimizer)
-    return hydra.utils.instantiate(cfg.module, model=model, optimizer=optimizer, run_config=resolved_config(cfg))
+    module = hydra.utils.instantiate(cfg.module, model=model, optimizer=optimizer)
+    module.run_config = resolved_config(cfg)  # plain dict, stored in every checkpoint
+    return module
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -50,7 +50,6 @@ class VAEModule(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         sample_posterior: bool = True,
-        run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if l1_weight < 0 or l2_weight < 0 or kl_weight < 0 or l1_weight + l2_weight <= 0:
@@ -60,10 +59,10 @@ class VAEModule(L.LightningModule):
             )
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"module.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        self.save_hyperparameters(ignore=["model", "optimizer", "run_config"])
+        self.save_hyperparameters(ignore=["model", "optimizer"])
         self.model = model
         self.optimizer_factory = optimizer
-        self.run_config = run_config or {}
+        self.run_config: dict[str, Any] = {}  # the resolved run config, set by the entry point
         self.val_psnr = MeanMetric()
         self.val_psnr_baseline = MeanMetric()
         self.val_loss = MeanMetric()
@@ -103,6 +102,7 @@ class VAEModule(L.LightningModule):
         norms = grad_norm(self.model, norm_type=2)
         if norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.model.parameters())

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: DictConfig, skip: Sequence[str] = ("hydra",)) -> None:
     """Raise ``ConfigError`` naming the first bad key of ``cfg``; returns None when the config is sound."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k.split(".")[0] not in skip)
+    missing = sorted(k for k in _missing_keys(cfg, "") if k.split(".")[0] not in skip)
     if missing:
         raise ConfigError(f"missing mandatory value(s): {', '.join(missing)} (set them on the command line)")
     try:
@@ -41,6 +41,21 @@ def validate_config(cfg: DictConfig, skip: Sequence[str] = ("hydra",)) -> None:
     for key, node in _target_nodes(resolved, ""):
         _check_target_node(key, node)
     check_project_rules(resolved)
+
+
+def _missing_keys(node: DictConfig | ListConfig, prefix: str) -> Iterator[str]:
+    """Keys set to ``???``, found without resolving interpolations (which would raise first)."""
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for k in keys:
+        full = f"{prefix}.{k}" if prefix and isinstance(k, str) else f"{prefix}[{k}]" if prefix else str(k)
+        if OmegaConf.is_missing(node, k):
+            yield full
+            continue
+        if OmegaConf.is_interpolation(node, k):
+            continue
+        child = node._get_node(k)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+            yield from _missing_keys(child, full)
 
 
 def _target_nodes(node: Any, prefix: str) -> Iterator[tuple[str, dict]]:

@@ -22,9 +22,9 @@ def configure_torch(float32_matmul_precision: str = "high") -> None:
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain, fully resolved dict (no Hydra runtime node): what checkpoints store."""
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    run_keys = [k for k in cfg if k != "hydra"]
+    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True, throw_on_missing=True)
     assert isinstance(plain, dict)
-    plain.pop("hydra", None)
     return plain
 
 
