@@ -1,0 +1,322 @@
+"""Streaming WebDataset pipeline: shards -> raw samples -> decoded clips -> one-shape batches.
+
+Every DataLoader worker of every rank is a *slot* ``rank * num_workers + worker`` of
+``world_size * num_workers``. Batches are built inside the workers (DataLoader ``batch_size=None``)
+so each batch comes from one bucket.
+
+Training mode (``mode="train"``): each rank yields exactly ``batches_per_epoch`` batches per epoch,
+split over its workers (worker w yields ``n // W + (w < n % W)``), from an endless stream, so uneven
+shards can never leave one rank waiting in a collective. The stream is either resampled (each slot
+draws shards with replacement, seeded by seed/epoch/rank/worker) or cycled (every pass shuffles the
+shard list with a seed shared by all slots, then slot s takes shards ``s::slots``; with fewer shards
+than slots every slot reads all shards and keeps samples ``(j + pass) % slots == s``). A seeded shuffle
+buffer of encoded samples mixes samples within each worker. Epochs restart the stream with new seeds.
+
+Exact mode (``mode="exact"``, validation/evaluation): each sample is read by exactly one slot, in
+order, no shuffling: shard ``i`` goes to slot ``i % slots`` when there are at least as many shards as
+slots, else every slot reads all shards and keeps samples ``j % slots == s`` (``split=`` forces one).
+Partial bucket buffers are flushed at the end. With several ranks, every slot then pads to the same
+batch count: ``K = max_s ceil(n_s / B) + (buckets - 1)`` (an upper bound on any slot's batches) from
+per-shard sample counts (manifest or a scan of local tars); padded entries duplicate real samples and
+carry ``meta["pad"] = True``, so every rank runs the same number of validation steps and metrics drop
+the duplicates. A ``batches_per_epoch`` cap makes every rank yield exactly that many batches.
+
+Rank/world come from the constructor, else torch.distributed when initialised, else env RANK /
+WORLD_SIZE; the worker id from ``torch.utils.data.get_worker_info``. ``set_epoch`` writes a
+shared-memory counter, so persistent workers see it too. No stream position is saved: resuming
+restarts the epoch's stream (exact mid-epoch resume is not provided).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from vdm.data.buckets import Bucket, BucketBatcher
+from vdm.data.clips import ClipSpec
+from vdm.data.decode import BACKENDS, Backend
+from vdm.data.samples import SKIPPABLE, Clip, collate_clips, decode_clip
+from vdm.data.shards import derive_seed, dist_info, expand_shards, iter_shard, worker_info
+from vdm.data.skips import SharedSkipCounters, SkipStats
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["train", "exact"]
+SHARD_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, tarfile.TarError)
+
+
+def shuffle_stream(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Buffered shuffle: keep ``size`` items, emit a random one as each new item arrives."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def quota(total: int, parts: int, index: int) -> int:
+    """Share ``index`` of ``total`` split over ``parts`` as evenly as possible."""
+    return total // parts + (1 if index < total % parts else 0)
+
+
+class VideoDataset(IterableDataset):
+    """Iterable of contract batches {"video": (B, 3, T, H, W) float32 in [-1, 1], "caption", "key", "meta"}.
+
+    ``video_dtype="uint8"`` yields 0..255 videos instead (a quarter of the bytes to build, share and copy
+    to the accelerator); ``vdm.data.samples.batch_to_float`` converts them there.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        clip: ClipSpec,
+        *,
+        buckets: Sequence[Bucket],
+        batch_size: int,
+        mode: Mode = "train",
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        resampled: bool = True,
+        split: Literal["auto", "shards", "samples"] = "auto",
+        shard_counts: Sequence[int] | None = None,
+        backend: Backend = "decord",
+        max_skip_rate: float = 0.05,
+        skip_check_after: int = 100,
+        rank: int | None = None,
+        world_size: int | None = None,
+        decode_threads: int = 1,
+        video_dtype: Literal["float32", "uint8"] = "float32",
+    ) -> None:
+        super().__init__()
+        if mode not in ("train", "exact"):
+            raise ValueError(f"mode must be 'train' or 'exact', got {mode!r}")
+        if mode == "train" and (batches_per_epoch is None or batches_per_epoch < 1):
+            raise ValueError(f"training mode needs batches_per_epoch >= 1, got {batches_per_epoch}")
+        if split not in ("auto", "shards", "samples"):
+            raise ValueError(f"split must be 'auto', 'shards' or 'samples', got {split!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if video_dtype not in ("float32", "uint8"):
+            raise ValueError(f"video_dtype must be 'float32' or 'uint8', got {video_dtype!r}")
+        if batch_size < 1 or not buckets:
+            raise ValueError(f"need batch_size >= 1 and at least one bucket, got {batch_size}, {buckets}")
+        self.urls = expand_shards(shards)
+        if shard_counts is not None and len(shard_counts) != len(self.urls):
+            raise ValueError(f"shard_counts has {len(shard_counts)} entries for {len(self.urls)} shards")
+        self.clip, self.buckets, self.batch_size, self.mode = clip, list(buckets), batch_size, mode
+        self.batches_per_epoch, self.shuffle_buffer, self.seed = batches_per_epoch, shuffle_buffer, seed
+        self.resampled, self.split, self.backend = resampled, split, backend
+        self.shard_counts = list(shard_counts) if shard_counts is not None else None
+        self.max_skip_rate, self.skip_check_after = max_skip_rate, skip_check_after
+        self.rank, self.world_size, self.decode_threads = rank, world_size, decode_threads
+        self.video_dtype = torch.uint8 if video_dtype == "uint8" else torch.float32
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.skip_counters = SharedSkipCounters()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed shuffling and clip sampling of the next iteration with ``epoch`` (all workers)."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch in training mode (exact mode has no fixed length: TypeError)."""
+        if self.mode != "train" or self.batches_per_epoch is None:
+            raise TypeError("exact-mode VideoDataset has no fixed length")
+        return self.batches_per_epoch
+
+    def _identity(self) -> tuple[int, int, int, int]:
+        rank, world = dist_info()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world_size {world}")
+        worker, num_workers = worker_info()
+        return rank, world, worker, num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world, worker, num_workers = self._identity()
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)  # workers run in parallel already
+        slot, slots, epoch = rank * num_workers + worker, world * num_workers, self.epoch
+        stats = SkipStats(self.max_skip_rate, self.skip_check_after, where=f"rank {rank} worker {worker}")
+        rng = np.random.default_rng(derive_seed(self.seed, epoch, rank, worker, "clips"))
+        if self.mode == "train":
+            count = quota(self.batches_per_epoch or 0, num_workers, worker)
+            if count == 0:
+                return
+            raw = self._train_stream(slot, slots, epoch, rank, worker, stats)
+            if self.shuffle_buffer > 1:
+                shuffle_rng = random.Random(derive_seed(self.seed, epoch, rank, worker, "shuffle"))
+                raw = shuffle_stream(raw, self.shuffle_buffer, shuffle_rng)
+            batches = self._batches(self._clips(raw, stats, rng, slot), flush=False)
+            yield from itertools.islice(batches, count)
+            return
+        yield from self._exact_batches(slot, slots, world, worker, num_workers, stats, rng)
+
+    # raw sample streams
+
+    def _read(self, urls: Iterable[str], stats: SkipStats) -> Iterator[dict[str, Any]]:
+        """Raw samples of the shards in order; a broken shard is counted as one skip and left."""
+        for url in urls:
+            try:
+                yield from iter_shard(url)
+            except SHARD_ERRORS as exc:
+                stats.record_skip("<shard>", url, exc)
+
+    def _train_stream(
+        self, slot: int, slots: int, epoch: int, rank: int, worker: int, stats: SkipStats
+    ) -> Iterator[dict[str, Any]]:
+        """Endless raw samples for one slot (resampled or cycled shards, see module docstring)."""
+        urls, idle = self.urls, 0
+        if self.resampled:
+            rng = random.Random(derive_seed(self.seed, epoch, rank, worker, "resample"))
+            while True:
+                got = 0
+                for sample in self._read([rng.choice(urls) for _ in range(len(urls))], stats):
+                    got += 1
+                    yield sample
+                idle = 0 if got else idle + 1
+                if idle > 4:
+                    raise RuntimeError(f"no samples in {4 * len(urls)} draws from shards {urls[:3]}...")
+        for pass_index in itertools.count():
+            order = list(urls)
+            random.Random(derive_seed(self.seed, epoch, pass_index, "shards")).shuffle(order)
+            got = 0
+            if len(order) >= slots:
+                stream = self._read(order[slot::slots], stats)
+            else:
+                offset = pass_index % slots
+                stream = (s for j, s in enumerate(self._read(order, stats)) if (j + offset) % slots == slot)
+            for sample in stream:
+                got += 1
+                yield sample
+            idle = 0 if got else idle + 1
+            if idle > slots:
+                raise RuntimeError(
+                    f"slot {slot} of {slots} got no samples in {idle} passes over {urls[:3]}..."
+                )
+
+    def _exact_split(self, slots: int) -> str:
+        if self.split != "auto":
+            return self.split
+        return "shards" if len(self.urls) >= slots else "samples"
+
+    def _exact_stream(self, slot: int, slots: int, stats: SkipStats) -> Iterator[dict[str, Any]]:
+        if self._exact_split(slots) == "shards":
+            return self._read(self.urls[slot::slots], stats)
+        return (s for j, s in enumerate(self._read(self.urls, stats)) if j % slots == slot)
+
+    def _slot_sample_count(self, slot: int, slots: int) -> int:
+        counts = self.shard_counts or []
+        if self._exact_split(slots) == "shards":
+            return sum(counts[slot::slots])
+        return len(range(slot, sum(counts), slots))
+
+    # decoding and batching
+
+    def _clips(
+        self, raw: Iterable[dict[str, Any]], stats: SkipStats, rng: np.random.Generator, slot: int
+    ) -> Iterator[Clip]:
+        for sample in raw:
+            try:
+                clip = decode_clip(
+                    sample,
+                    self.clip,
+                    self.buckets,
+                    rng=rng,
+                    backend=self.backend,
+                    decode_threads=self.decode_threads,
+                )
+            except SKIPPABLE as exc:
+                self.skip_counters.add(slot, skipped=1)
+                stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
+                continue
+            self.skip_counters.add(slot, ok=1)
+            stats.record_ok()
+            yield clip
+
+    def _batches(self, clips: Iterable[Clip], *, flush: bool, pad: bool = False) -> Iterator[dict[str, Any]]:
+        batcher: BucketBatcher[Clip] = BucketBatcher(self.batch_size)
+        for clip in clips:
+            full = batcher.add(clip.bucket, clip)
+            if full is not None:
+                yield collate_clips(full, self.video_dtype)
+        if flush:
+            for _, items in batcher.flush():
+                if pad:
+                    items = items + [
+                        items[i % len(items)].padded_copy() for i in range(self.batch_size - len(items))
+                    ]
+                yield collate_clips(items, self.video_dtype)
+
+    def _exact_target(self, world: int, worker: int, num_workers: int) -> int | None:
+        """Batches this slot must yield in exact mode; None when no padding is needed (one rank)."""
+        if self.batches_per_epoch is not None:
+            return quota(self.batches_per_epoch, num_workers, worker)
+        if world == 1:
+            return None
+        if self.shard_counts is None:
+            raise ValueError(
+                f"exact mode over {world} ranks needs per-shard sample counts to give every rank the same "
+                "number of batches: pass a manifest (shard_counts) or use local shards"
+            )
+        slots = world * num_workers
+        most = max(math.ceil(self._slot_sample_count(s, slots) / self.batch_size) for s in range(slots))
+        return most + len(self.buckets) - 1
+
+    def _exact_batches(
+        self,
+        slot: int,
+        slots: int,
+        world: int,
+        worker: int,
+        num_workers: int,
+        stats: SkipStats,
+        rng: np.random.Generator,
+    ) -> Iterator[dict[str, Any]]:
+        target = self._exact_target(world, worker, num_workers)
+        clips = self._clips(self._exact_stream(slot, slots, stats), stats, rng, slot)
+        batches = self._batches(clips, flush=True, pad=target is not None)
+        if target is None:
+            yield from batches
+            return
+        last: dict[str, Any] | None = None
+        for last in itertools.islice(batches, target):
+            yield last
+            target -= 1
+        if target <= 0:
+            return
+        template = self._pad_batch(last, rng)
+        for _ in range(target):
+            yield template
+
+    def _pad_batch(self, last: dict[str, Any] | None, rng: np.random.Generator) -> dict[str, Any]:
+        """A batch of duplicates flagged ``pad``: of the last batch, else of the first decodable sample."""
+        if last is not None:
+            meta = [dict(m, pad=True) for m in last["meta"]]
+            return {**last, "meta": meta, "caption": list(last["caption"]), "key": list(last["key"])}
+        for raw in self._read(self.urls, SkipStats(max_skip_rate=1.0)):
+            try:
+                clip = decode_clip(raw, self.clip, self.buckets, rng=rng, backend=self.backend)
+            except SKIPPABLE:
+                continue
+            return collate_clips([clip.padded_copy() for _ in range(self.batch_size)], self.video_dtype)
+        raise RuntimeError(f"no decodable sample in shards {self.urls[:3]}... to pad exact-mode batches with")
