@@ -84,7 +84,11 @@ class VAEModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x = batch["video"]
+        # duplicates that only even out the number of batches per rank are not evaluated
+        keep = [not meta.get("pad", False) for meta in batch["meta"]]
+        if not any(keep):
+            return
+        x = batch["video"][torch.tensor(keep, device=batch["video"].device)]
         out = self.losses(x, sample_posterior=False)
         baseline = x.mean(dim=2, keepdim=True).expand_as(x)  # each clip's mean frame
         self.val_loss.update(out["loss"], weight=x.shape[0])
