@@ -10,13 +10,23 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from train import instantiate_module, instantiate_trainer, prepare_corpus
+from train import setup_run
 from vdm.utils.config_check import ConfigError, validate_config
-from vdm.utils.runtime import configure_torch, resolved_config, save_resolved_config
 
 log = logging.getLogger("vdm.evaluate")
+
+
+def use_stored_model_config(cfg: DictConfig, ckpt: Path) -> None:
+    """Build the model the checkpoint was trained with (its stored config), whatever ``model=`` says."""
+    import torch
+
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("vdm_config") or {}
+    if "model" in stored and OmegaConf.to_container(cfg.model, resolve=True) != stored["model"]:
+        log.info("using the model config stored in %s", ckpt)
+        with open_dict(cfg):
+            cfg.model = stored["model"]
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -25,16 +35,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.exists():
         raise ConfigError(f"ckpt_path: no such checkpoint: {ckpt}")
-    save_resolved_config(resolved_config(cfg), cfg.paths.output_dir)
-    configure_torch(cfg.float32_matmul_precision)
-
-    import lightning as L
-
-    L.seed_everything(cfg.seed, workers=True)
-    prepare_corpus(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = instantiate_module(cfg)
-    trainer = instantiate_trainer(cfg)
+    use_stored_model_config(cfg, ckpt)
+    datamodule, module, trainer = setup_run(cfg)
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=True)
     metrics = {k: float(v) for k, v in results[0].items()}
     out = Path(cfg.paths.output_dir) / "metrics.json"

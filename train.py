@@ -39,8 +39,8 @@ def instantiate_module(cfg: DictConfig) -> Any:
     return module
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Validate, build and fit; returns the final metrics (validation metrics when ``validate``)."""
+def setup_run(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """Validate the config (before anything heavy), record it, seed, then build data, module and trainer."""
     validate_config(cfg)
     save_resolved_config(resolved_config(cfg), cfg.paths.output_dir)
     configure_torch(cfg.float32_matmul_precision)
@@ -50,9 +50,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     prepare_corpus(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = instantiate_module(cfg)
-    trainer = instantiate_trainer(cfg)
+    return datamodule, instantiate_module(cfg), instantiate_trainer(cfg)
 
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build and fit; returns the final metrics (validation metrics when ``validate``)."""
+    datamodule, module, trainer = setup_run(cfg)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = scalar_metrics(trainer.callback_metrics)

@@ -35,8 +35,10 @@ def test_evaluate_reports_metrics_of_a_checkpoint(tiny_train_cfg, tmp_path):
     train_cfg = tiny_train_cfg("validate=false")
     train(train_cfg)
     ckpt = Path(train_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    cfg = tiny_train_cfg(f"ckpt_path={ckpt}", config_name="evaluate")
+    # the checkpoint's stored model config wins over a different model= choice
+    cfg = tiny_train_cfg(f"ckpt_path={ckpt}", "model.base_channels=32", config_name="evaluate")
     metrics = evaluate(cfg)
+    assert cfg.model.base_channels == 16
     assert metrics["val/psnr"] > 0
     assert (Path(cfg.paths.output_dir) / "metrics.json").exists()
 
