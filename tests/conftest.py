@@ -73,6 +73,8 @@ def tiny_train_cfg(tmp_path: Path, synthetic_root: Path):
 
     def make(*extra: str, config_name: str = "train") -> DictConfig:
         corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
+        if any(e.startswith("data=") and e != "data=synthetic" for e in extra):
+            corpus = []  # another corpus: no synthetic node to override
         callbacks = TINY_CALLBACKS if config_name == "train" else []
         overrides = [f"paths.root_dir={tmp_path}", *corpus, *TINY_RUN, *callbacks, *extra]
         return compose_config(config_name, overrides, tmp_path / "run")

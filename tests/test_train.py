@@ -58,3 +58,28 @@ def test_every_experiment_fast_dev_run(tiny_train_cfg, experiment):
     cfg = tiny_train_cfg(f"experiment={experiment}", "trainer.fast_dev_run=true")
     metrics = train(cfg)
     assert "train/loss" in metrics
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(tiny_train_cfg, tmp_path):
+    from tests.shards import corrupt_item, video_item, write_corpus
+
+    good = [video_item(f"ok-{i}.mp4", frames=9, seed=i) for i in range(7)]
+    write_corpus(tmp_path / "corpus", {"train": [good + [corrupt_item("bad.mp4")]],
+                                       "val": [good[:2]]})
+    cfg = tiny_train_cfg("data=shards", f"corpus.root={tmp_path / 'corpus'}", "data.frame_stride=1",
+                         "callbacks.data_skips.every_n_steps=1", "data.max_skip_rate=0.5",
+                         "data.skip_check_after=1", "validate=false")
+    metrics = train(cfg)
+    assert metrics["data/train_skipped"] >= 1
+    assert 0 < metrics["data/train_skip_rate"] <= 0.5
+
+
+def test_skip_rate_above_the_limit_stops_training(tiny_train_cfg, tmp_path):
+    from tests.shards import corrupt_item, video_item, write_corpus
+
+    items = [video_item("ok.mp4", frames=9)] + [corrupt_item(f"bad-{i}.mp4") for i in range(5)]
+    write_corpus(tmp_path / "corpus", {"train": [items], "val": [items[:1]]})
+    cfg = tiny_train_cfg("data=shards", f"corpus.root={tmp_path / 'corpus'}", "data.frame_stride=1",
+                         "data.max_skip_rate=0.2", "data.skip_check_after=4", "validate=false")
+    with pytest.raises(Exception, match=r"skipped \d+ of \d+ samples .* exceeds max_skip_rate=20.0%"):
+        train(cfg)
