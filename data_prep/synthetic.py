@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.encoding import EncodeOptions, encode_frames
+from vdm.data.encode import EncodeOptions, encode_frames
 from data_prep.shard_writer import EncodedSample, ShardSink, read_manifest, sample_key
 from data_prep.synthetic_scenes import Scene, heldout_prompts, render_scene, sample_scene
 from vdm.data.probe import probe_media

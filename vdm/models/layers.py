@@ -4,9 +4,10 @@ Every block here is causal in time: output frame ``t`` depends only on input fra
 Two choices make that hold exactly rather than approximately:
 
 - ``CausalConv3d`` pads only the past (never the future) and is the single place where temporal
-  padding happens, so a streaming cache of past frames can later replace that padding.
+  padding happens, so a ``CausalCache`` of past frames replaces that padding when a long video is
+  processed in consecutive temporal chunks.
 - ``CausalGroupNorm`` takes its statistics per frame; a GroupNorm over (C/G, T, H, W) would let
-  future frames shift the normalisation of past ones.
+  future frames shift the normalisation of past ones (and would make chunked results differ).
 
 Tensors are ``B C T H W``.
 """
@@ -32,6 +33,65 @@ def _triple(value: Size3, name: str) -> tuple[int, int, int]:
     if len(values) != 3:
         raise ValueError(f"{name} must be an int or a (t, h, w) triple, got {value!r}")
     return values  # type: ignore[return-value]
+
+
+class CausalCache:
+    """Streaming state that lets a causal stack process one video as consecutive temporal chunks.
+
+    For every ``CausalConv3d`` it holds the input frames that the next chunk's windows still need:
+    the last ``dilation_t * (k_t - 1)`` frames for stride 1, and for a temporal stride ``s_t`` every
+    frame from the next window start on, so strided convolutions keep their phase across chunk
+    boundaries. For every temporal ``Upsample3d`` it records that the clip's first frame (which is
+    not repeated) has been seen. A layer replicate-pads only on its first chunk, i.e. only at the
+    very start of the video, so chunked outputs equal the full pass.
+
+    Scope: one cache per video. Used as a context manager it is cleared on exit, also when a chunk
+    raises, so no state leaks into the next video. The layers themselves keep no streaming state:
+    concurrent (threads) or nested chunked calls on the same model are safe as long as each call
+    has its own cache. A single cache is not thread-safe and refuses to be entered twice.
+    """
+
+    def __init__(self) -> None:
+        self._frames: dict[nn.Module, torch.Tensor] = {}
+        self._started: set[nn.Module] = set()
+        self._entered = False
+
+    def __len__(self) -> int:
+        """Number of layer states held (0 for a fresh or cleared cache)."""
+        return len(self._frames) + len(self._started)
+
+    def __enter__(self) -> CausalCache:
+        if self._entered:
+            raise RuntimeError(
+                "this CausalCache is already in use by another chunked pass; create one CausalCache "
+                "per video stream"
+            )
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.clear()
+        self._entered = False
+
+    def clear(self) -> None:
+        """Drop every layer's state (the next chunk is treated as the start of a new video)."""
+        self._frames.clear()
+        self._started.clear()
+
+    def pending(self, module: nn.Module) -> torch.Tensor | None:
+        """Frames (B, C, P, H, W) carried over for ``module``; None before its first chunk."""
+        return self._frames.get(module)
+
+    def store(self, module: nn.Module, frames: torch.Tensor) -> None:
+        """Keep ``frames`` (B, C, P, H, W) for ``module``'s next chunk."""
+        self._frames[module] = frames
+
+    def first_call(self, module: nn.Module) -> bool:
+        """True on ``module``'s first chunk of the video; records that it has started."""
+        if module in self._started:
+            return False
+        self._started.add(module)
+        return True
 
 
 class CausalConv3d(nn.Conv3d):
@@ -88,9 +148,37 @@ class CausalConv3d(nn.Conv3d):
         first = x[:, :, :1].expand(-1, -1, self.time_padding, -1, -1)
         return torch.cat([first, x], dim=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, T, H, W) -> (B, C_out, 1 + (T - 1) // stride_t, H', W')."""
-        return super().forward(self.pad_time(x))
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """(B, C_in, T, H, W) -> (B, C_out, 1 + (T - 1) // stride_t, H', W').
+
+        With a ``cache``, ``x`` is the next chunk of a video: the carried-over frames replace the
+        replicate padding after the first chunk, and a chunk of ``T`` frames (``T`` a multiple of
+        ``stride_t``) yields ``T // stride_t`` frames (``1 + (T - 1) // stride_t`` for the first).
+        """
+        if cache is None:
+            return super().forward(self.pad_time(x))
+        return self._forward_chunk(x, cache)
+
+    def _forward_chunk(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """Convolve every complete window of (carried frames + chunk); carry the unconsumed rest."""
+        span, stride_t = self.time_padding + 1, self.stride[0]
+        if stride_t > span:
+            raise ValueError(
+                f"chunked processing needs temporal stride ({stride_t}) <= temporal kernel span ({span}); "
+                f"run this layer without a CausalCache"
+            )
+        pending = cache.pending(self)
+        stream = self.pad_time(x) if pending is None else torch.cat([pending, x], dim=2)  # B C P+T H W
+        if stream.shape[2] < span:
+            raise ValueError(
+                f"a chunk of {x.shape[2]} frame(s) completes no window of this conv (kernel span {span}, "
+                f"temporal stride {stride_t}); use chunks whose length is a multiple of the temporal "
+                f"compression"
+            )
+        windows = (stream.shape[2] - span) // stride_t + 1
+        # clone so the cache holds only the carried frames, not a view that pins the whole chunk
+        cache.store(self, stream[:, :, windows * stride_t :].clone())
+        return super().forward(stream)
 
 
 class CausalGroupNorm(nn.GroupNorm):
@@ -142,13 +230,19 @@ class ResBlock3d(nn.Module):
             nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, T, H, W) -> (B, C_out, T, H, W)."""
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """(B, C_in, T, H, W) -> (B, C_out, T, H, W); ``cache`` streams temporal chunks.
+
+        Under a cache the block is not checkpointed: recomputation in backward would replay the
+        cache updates.
+        """
+        if cache is not None:
+            return self._forward(x, cache)
         return checkpointed(self._forward, x, self.gradient_checkpointing)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # B C_out T H W
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # B C_out T H W
+    def _forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)  # B C_out T H W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))), cache)  # B C_out T H W
         return self.shortcut(x) + h
 
 
@@ -168,8 +262,10 @@ class Downsample3d(nn.Module):
         self.temporal = temporal
         self.conv = CausalConv3d(channels, channels, 3, stride=(2 if temporal else 1, 2, 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, C, 1 + (T - 1) // s_t, H / 2, W / 2)."""
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, 1 + (T - 1) // s_t, H / 2, W / 2); T // s_t per later chunk."""
+        if cache is not None:
+            return self.conv(x, cache)
         return checkpointed(self.conv, x, self.gradient_checkpointing)
 
 
@@ -187,13 +283,21 @@ class Upsample3d(nn.Module):
         self.temporal = temporal
         self.conv = CausalConv3d(channels, channels, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, C, 1 + s_t * (T - 1), 2H, 2W)."""
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, 1 + s_t * (T - 1), 2H, 2W); s_t * T frames per later chunk.
+
+        Under a ``cache`` only the video's first chunk keeps its first frame unrepeated.
+        """
+        if cache is not None:
+            return self._forward(x, cache)
         return checkpointed(self._forward, x, self.gradient_checkpointing)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.temporal:
-            rest = repeat(x[:, :, 1:], "b c t h w -> b c (t st) h w", st=2)  # B C 2(T-1) H W
-            x = torch.cat([x[:, :, :1], rest], dim=2)  # B C 1+2(T-1) H W
+            if cache is None or cache.first_call(self):
+                rest = repeat(x[:, :, 1:], "b c t h w -> b c (t st) h w", st=2)  # B C 2(T-1) H W
+                x = torch.cat([x[:, :, :1], rest], dim=2)  # B C 1+2(T-1) H W
+            else:
+                x = repeat(x, "b c t h w -> b c (t st) h w", st=2)  # B C 2T H W
         x = repeat(x, "b c t h w -> b c t (h sh) (w sw)", sh=2, sw=2)  # B C T' 2H 2W
-        return self.conv(x)
+        return self.conv(x, cache)

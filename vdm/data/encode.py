@@ -1,4 +1,4 @@
-"""H.264 mp4 encoding with PyAV: numpy frames -> mp4 bytes, and re-encoding an existing video."""
+"""H.264 mp4 encoding with PyAV: numpy frames -> mp4 bytes (corpora, logged samples), and re-encoding."""
 
 from __future__ import annotations
 
