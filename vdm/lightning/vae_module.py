@@ -1,4 +1,4 @@
-"""LightningModule for stage 1: reconstruction + KL training of the causal video VAE."""
+"""LightningModule for stage 1: the causal video VAE with reconstruction, KL, perceptual and 3D GAN losses."""
 
 from __future__ import annotations
 
@@ -9,22 +9,15 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm
 from torchmetrics import MeanMetric
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from vdm.lightning.schedules import warmup_cosine
+from vdm.metrics.reconstruction import frame_psnr, frame_ssim
+from vdm.models.discriminator import adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-def frame_psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) of every frame for videos in [-1, 1]: (B, C, T, H, W) x2 -> (B * T,)."""
-    pred = x_hat.clamp(-1, 1).transpose(1, 2).flatten(0, 1).float()  # (B*T, C, H, W)
-    target = x.transpose(1, 2).flatten(0, 1).float()
-    return peak_signal_noise_ratio(pred, target, data_range=2.0, reduction="none", dim=(1, 2, 3))
 
 
 def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -33,55 +26,141 @@ def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 class VAEModule(L.LightningModule):
-    """Trains ``model`` (a ``VideoVAE``) with weighted L1 (+ L2) reconstruction and a KL term.
+    """Trains ``model`` (a ``VideoVAE``) as in the LDM/VQGAN recipe, extended to video.
 
-    Both terms are per-element means, so ``kl_weight`` is relative to a per-pixel reconstruction error.
-    Validation reports the loss with the posterior mode, per-frame PSNR, and the PSNR of the trivial
-    baseline that predicts each clip's mean frame (a model must clearly beat it).
+    Generator loss: ``l1 * |x - x_hat| + l2 * mse + perceptual * LPIPS + kl * KL + gan * w * hinge_g``,
+    every term a per-element (or per-frame) mean, where ``w`` is the adaptive weight (ratio of the
+    reconstruction and GAN gradient norms at the decoder's last layer) when ``adaptive_gan_weight``.
+    The discriminator (3D PatchGAN, hinge loss) and the GAN term start at ``disc_start_step``.
+    Manual optimization: one generator and one discriminator step per batch; ``global_step`` counts
+    generator steps (the discriminator's optimizer is stepped directly), so ``max_steps`` means batches.
+    Validation: loss with the posterior mode, per-frame PSNR and SSIM, LPIPS when available, and the PSNR
+    of the trivial baseline predicting each clip's mean frame.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: OptimizerFactory,
+        discriminator: torch.nn.Module | None = None,
+        disc_optimizer: OptimizerFactory | None = None,
+        perceptual: torch.nn.Module | None = None,
         l1_weight: float = 1.0,
         l2_weight: float = 0.0,
         kl_weight: float = 1e-6,
+        perceptual_weight: float = 1.0,
+        gan_weight: float = 0.5,
+        adaptive_gan_weight: bool = True,
+        max_gan_weight: float = 1e4,
+        disc_start_step: int = 0,
+        grad_clip: float | None = 1.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         sample_posterior: bool = True,
+        perceptual_max_frames: int | None = 4,
+        num_example_videos: int = 4,
     ) -> None:
         super().__init__()
-        if l1_weight < 0 or l2_weight < 0 or kl_weight < 0 or l1_weight + l2_weight <= 0:
-            raise ValueError(
-                f"module: loss weights must be >= 0 with l1_weight + l2_weight > 0, got "
-                f"l1={l1_weight}, l2={l2_weight}, kl={kl_weight}"
-            )
+        weights = {"l1_weight": l1_weight, "l2_weight": l2_weight, "kl_weight": kl_weight,
+                   "perceptual_weight": perceptual_weight, "gan_weight": gan_weight}
+        for name, value in weights.items():
+            if value < 0:
+                raise ValueError(f"module.{name} must be >= 0, got {value}")
+        if l1_weight + l2_weight <= 0:
+            raise ValueError("module: l1_weight + l2_weight must be > 0 (a reconstruction term is required)")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"module.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        self.save_hyperparameters(ignore=["model", "optimizer"])
+        if (discriminator is None) != (disc_optimizer is None):
+            raise ValueError("module: discriminator and disc_optimizer must be given together (or both null)")
+        self.save_hyperparameters(ignore=["model", "optimizer", "discriminator", "disc_optimizer", "perceptual"])
+        self.automatic_optimization = False
         self.model = model
+        self.discriminator = discriminator
+        self.perceptual = perceptual.requires_grad_(False).eval() if perceptual is not None else None
         self.optimizer_factory = optimizer
+        self.disc_optimizer_factory = disc_optimizer
         self.run_config: dict[str, Any] = {}  # the resolved run config, set by the entry point
-        self.val_psnr = MeanMetric()
-        self.val_psnr_baseline = MeanMetric()
-        self.val_loss = MeanMetric()
+        self.val_metrics = torch.nn.ModuleDict(
+            {k: MeanMetric() for k in ("loss", "psnr", "ssim", "lpips", "psnr_mean_frame")}
+        )
+        self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def losses(self, x: torch.Tensor, sample_posterior: bool) -> dict[str, torch.Tensor]:
-        """Loss terms for clips ``x`` (B, C, T, H, W) in [-1, 1]."""
-        x_hat, posterior = self.model(x, sample_posterior=sample_posterior)
-        l1 = (x_hat - x).abs().mean()
-        l2 = F.mse_loss(x_hat, x)
-        kl = kl_per_element(posterior.mean, posterior.logvar)
+    @property
+    def gan_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
+
+    def setup(self, stage: str) -> None:
+        if self.discriminator is not None and self.trainer.precision == "16-mixed":
+            raise ValueError(
+                "trainer.precision=16-mixed: the discriminator step bypasses the fp16 grad scaler; "
+                "use bf16-mixed or 32-true for stage 1 with a discriminator"
+            )
+
+    def reconstruction_terms(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L1, L2 and LPIPS (mean over a subset of frames) of reconstructions; (B, C, T, H, W) in [-1, 1]."""
+        terms = {"l1": (x_hat - x).abs().mean(), "l2": F.mse_loss(x_hat, x)}
+        if self.perceptual is not None:
+            terms["lpips"] = self.perceptual.video_distance(
+                x_hat, x, max_frames=self.hparams.perceptual_max_frames
+            ).mean()
         hp = self.hparams
-        loss = hp.l1_weight * l1 + hp.l2_weight * l2 + hp.kl_weight * kl
-        return {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "x_hat": x_hat}
+        rec = hp.l1_weight * terms["l1"] + hp.l2_weight * terms["l2"]
+        terms["rec"] = rec + hp.perceptual_weight * terms.get("lpips", torch.zeros_like(rec))
+        return terms
+
+    def generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Total generator loss, its logged terms, and the reconstruction (for the discriminator step)."""
+        x_hat, posterior = self.model(x, sample_posterior=self.hparams.sample_posterior)
+        terms = self.reconstruction_terms(x, x_hat)
+        terms["kl"] = kl_per_element(posterior.mean, posterior.logvar)
+        loss = terms["rec"] + self.hparams.kl_weight * terms["kl"]
+        if self.gan_active:
+            terms["g_loss"] = hinge_g_loss(self.discriminator(x_hat))
+            weight = torch.ones((), device=x.device)
+            if self.hparams.adaptive_gan_weight:
+                weight = adaptive_generator_weight(
+                    terms["rec"], terms["g_loss"], self.model.last_decoder_layer, self.hparams.max_gan_weight
+                )
+            terms["gan_weight"] = weight
+            loss = loss + self.hparams.gan_weight * weight * terms["g_loss"]
+        terms["loss"] = loss
+        return loss, terms, x_hat
+
+    def _step(self, optimizer: Any, loss: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Backward, clip and step; returns the gradient norm before clipping."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        # the raw optimizer step leaves global_step counting generator steps only
+        (optimizer.optimizer if raw else optimizer).step()
+        return norm
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch["video"], self.hparams.sample_posterior)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_dict({f"train/{k}": out[k] for k in ("l1", "l2", "kl")})
-        return out["loss"]
+        x = batch["video"]
+        optimizers = self.optimizers()
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        gan_active = self.gan_active
+
+        loss, terms, x_hat = self.generator_loss(x)
+        self.log("train/grad_norm", self._step(opt_g, loss))
+        if gan_active:
+            logits_real = self.discriminator(x.detach())
+            logits_fake = self.discriminator(x_hat.detach())
+            terms["d_loss"] = hinge_d_loss(logits_real, logits_fake)
+            terms["logits_real"], terms["logits_fake"] = logits_real.mean(), logits_fake.mean()
+            terms["d_grad_norm"] = self._step(opt_d, terms["d_loss"], raw=True)
+        for scheduler in schedulers:
+            scheduler.step()
+
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items() if k not in ("loss", "rec")})
+        self.log("train/lr", opt_g.param_groups[0]["lr"])
+        return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # duplicates that only even out the number of batches per rank are not evaluated
@@ -89,30 +168,46 @@ class VAEModule(L.LightningModule):
         if not any(keep):
             return
         x = batch["video"][torch.tensor(keep, device=batch["video"].device)]
-        out = self.losses(x, sample_posterior=False)
-        baseline = x.mean(dim=2, keepdim=True).expand_as(x)  # each clip's mean frame
-        self.val_loss.update(out["loss"], weight=x.shape[0])
-        self.val_psnr.update(frame_psnr(out["x_hat"], x))
-        self.val_psnr_baseline.update(frame_psnr(baseline, x))
+        x_hat, posterior = self.model(x, sample_posterior=False)
+        terms = self.reconstruction_terms(x, x_hat)
+        loss = terms["rec"] + self.hparams.kl_weight * kl_per_element(posterior.mean, posterior.logvar)
+        metrics = self.val_metrics
+        metrics["loss"].update(loss, weight=x.shape[0])
+        metrics["psnr"].update(frame_psnr(x_hat, x))
+        metrics["ssim"].update(frame_ssim(x_hat, x))
+        metrics["psnr_mean_frame"].update(frame_psnr(x.mean(dim=2, keepdim=True).expand_as(x), x))
+        if "lpips" in terms:
+            metrics["lpips"].update(terms["lpips"], weight=x.shape[0])
+        if batch_idx == 0:
+            n = self.hparams.num_example_videos
+            self.val_examples = (x[:n].detach().cpu(), x_hat[:n].detach().clamp(-1, 1).cpu())
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
-        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
-        self.log("val/psnr_mean_frame", self.val_psnr_baseline.compute())
-        for metric in (self.val_loss, self.val_psnr, self.val_psnr_baseline):
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                self.log(f"val/{name}", metric.compute(), prog_bar=name in ("loss", "psnr"))
             metric.reset()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.model.parameters())
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, int(total), self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        optimizers = [self.optimizer_factory(self.model.parameters())]
+        if self.discriminator is not None:
+            optimizers.append(self.disc_optimizer_factory(self.discriminator.parameters()))
+        schedulers = [
+            {"scheduler": warmup_cosine(opt, hp.warmup_steps, int(total), hp.min_lr_ratio), "interval": "step"}
+            for opt in optimizers
+        ]
+        return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vdm_config"] = self.run_config
+        # the frozen LPIPS network comes from its own files: not copied into every checkpoint
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("perceptual.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.perceptual is not None:
+            for key, value in self.perceptual.state_dict().items():
+                checkpoint["state_dict"][f"perceptual.{key}"] = value

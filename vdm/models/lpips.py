@@ -43,7 +43,9 @@ TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 VGG_FILE_HINT = "torchvision's vgg16 state dict (vgg16-397923af.pth) or its features as safetensors"
-LIN_FILE_HINT = "the lpips package's linear heads (lpips/weights/v0.1/vgg.pth) or the same keys as safetensors"
+LIN_FILE_HINT = (
+    "the lpips package's linear heads (lpips/weights/v0.1/vgg.pth) or the same keys as safetensors"
+)
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -90,7 +92,7 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     """``module.load_state_dict(state, strict=True)`` with an error naming every bad key.
 
     Raises:
-        KeyError: listing missing keys, unexpected keys and shape mismatches, with ``source``.
+        ValueError: listing missing keys, unexpected keys and shape mismatches, with ``source``.
     """
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -101,7 +103,7 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         if tuple(state[k].shape) != expected[k]
     )
     if missing or unexpected or mismatched:
-        raise KeyError(
+        raise ValueError(
             f"{source} does not match {type(module).__name__}: missing keys {missing}, "
             f"unexpected keys {unexpected}, shape mismatches {mismatched}"
         )
@@ -139,7 +141,9 @@ class VGG16Features(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
 
-    def load_torchvision_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    def load_torchvision_state_dict(
+        self, state: Mapping[str, torch.Tensor], source: str = "state dict"
+    ) -> None:
         """Load torchvision weights strictly.
 
         Accepts a full ``vgg16()`` state dict (``features.N.*`` plus the classifier keys listed in
@@ -234,7 +238,7 @@ class LPIPS(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> LPIPS:
-        """Always eval: LPIPS is a fixed metric, so ``mode`` is ignored (a parent's ``train()`` is harmless)."""
+        """Always eval: LPIPS is a fixed metric, so ``mode`` is ignored (a parent's ``train()`` is safe)."""
         return super().train(False)
 
     @classmethod
@@ -247,9 +251,10 @@ class LPIPS(nn.Module):
 
         Raises:
             FileNotFoundError: naming the missing file and what it must contain.
-            KeyError: naming missing/unexpected/mis-shaped keys.
+            ValueError: naming missing/unexpected/mis-shaped keys.
         """
-        for path, name, hint in ((vgg_path, "VGG16", VGG_FILE_HINT), (lin_path, "LPIPS linear-head", LIN_FILE_HINT)):
+        expected = ((vgg_path, "VGG16", VGG_FILE_HINT), (lin_path, "LPIPS linear-head", LIN_FILE_HINT))
+        for path, name, hint in expected:
             if not Path(path).is_file():
                 raise FileNotFoundError(
                     f"{name} weights not found at {path}: expected {hint}. Nothing is downloaded; "
@@ -278,7 +283,8 @@ class LPIPS(nn.Module):
             )
         if min(x0.shape[-2:]) < MIN_IMAGE_SIZE:
             raise ValueError(
-                f"LPIPS needs H, W >= {MIN_IMAGE_SIZE} (relu5_3 is at 1/16 resolution), got {tuple(x0.shape[-2:])}"
+                f"LPIPS needs H, W >= {MIN_IMAGE_SIZE} (relu5_3 is at 1/16 resolution), "
+                f"got {tuple(x0.shape[-2:])}"
             )
         n = x0.shape[0]
         x = torch.cat([x0, x1], dim=0)  # 2N 3 H W, one trunk pass for both
