@@ -43,6 +43,18 @@ TINY_RUN = [
 TINY_CALLBACKS = ["callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.progress_bar.refresh_rate=0"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``@hydra.main`` would, with the run dir at ``output_dir``."""
     GlobalHydra.instance().clear()
