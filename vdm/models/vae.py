@@ -7,8 +7,10 @@ The encoder and decoder are convolution-only stacks of causal blocks from ``laye
 - the first frame is compressed on its own, so an image is a 1-frame video and its latent equals
   the first latent frame of any clip that starts with it.
 
-Encoder and decoder are flat lists of blocks, so a per-block streaming cache can be threaded
-through them without changing the module tree (and hence the state_dict keys).
+Encoder and decoder are flat lists of blocks, so a per-call ``CausalCache`` is threaded through
+them without changing the module tree (and hence the state_dict keys): long videos are encoded and
+decoded in temporal chunks with bounded memory and large frames in blended spatial tiles
+(``vae_chunked.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdm.models.layers import CausalConv3d, CausalGroupNorm, Downsample3d, ResBlock3d, Upsample3d
+from vdm.models.layers import CausalCache, CausalConv3d, CausalGroupNorm, Downsample3d, ResBlock3d, Upsample3d
+from vdm.models.vae_chunked import run_stream, validate_chunk_frames, validate_tiling
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
@@ -104,12 +107,12 @@ class Encoder3d(nn.Module):
         self.norm_out = CausalGroupNorm(norm_groups, channels)
         self.conv_out = CausalConv3d(channels, 2 * latent_channels, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, 2L, Tz, h, w)."""
-        h = self.conv_in(x)  # B base T H W
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, 2L, Tz, h, w); with ``cache``, x is the next chunk of a video."""
+        h = self.conv_in(x, cache)  # B base T H W
         for block in self.blocks:
-            h = block(h)  # B ch T' H' W'
-        return self.conv_out(F.silu(self.norm_out(h)))  # B 2L Tz h w
+            h = block(h, cache)  # B ch T' H' W'
+        return self.conv_out(F.silu(self.norm_out(h)), cache)  # B 2L Tz h w
 
 
 class Decoder3d(nn.Module):
@@ -142,12 +145,15 @@ class Decoder3d(nn.Module):
         self.norm_out = CausalGroupNorm(norm_groups, channels)
         self.conv_out = CausalConv3d(channels, out_channels, 3)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, L, Tz, h, w) -> (B, C, T, H, W), unbounded (no tanh), trained towards [-1, 1]."""
-        h = self.conv_in(z)  # B ch Tz h w
+    def forward(self, z: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """(B, L, Tz, h, w) -> (B, C, T, H, W), unbounded (no tanh), trained towards [-1, 1].
+
+        With ``cache``, z is the next chunk of a latent video.
+        """
+        h = self.conv_in(z, cache)  # B ch Tz h w
         for block in self.blocks:
-            h = block(h)  # B ch T' H' W'
-        return self.conv_out(F.silu(self.norm_out(h)))  # B C T H W
+            h = block(h, cache)  # B ch T' H' W'
+        return self.conv_out(F.silu(self.norm_out(h)), cache)  # B C T H W
 
 
 def _validate_config(
@@ -202,7 +208,14 @@ class VideoVAE(nn.Module):
             halves time (1 + 2k -> 1 + k).
         dropout: dropout inside residual blocks.
         norm_groups: GroupNorm groups; must divide base_channels.
-        gradient_checkpointing: recompute every block's activations in backward.
+        gradient_checkpointing: recompute every block's activations in backward (not applied
+            inside chunked passes, whose cache updates cannot be replayed).
+        encode_chunk_frames: default ``chunk_frames`` of ``encode``; None encodes the whole clip
+            at once.
+        decode_chunk_frames: default ``chunk_frames`` of ``decode``; None decodes at once.
+        tile_size: default spatial tile edge in pixels (multiple of sc) for encode and decode;
+            None disables tiling.
+        tile_overlap: default overlap of neighbouring tiles as a fraction of tile_size, in [0, 0.5].
     """
 
     def __init__(
@@ -216,6 +229,10 @@ class VideoVAE(nn.Module):
         dropout: float = 0.0,
         norm_groups: int = 16,
         gradient_checkpointing: bool = False,
+        encode_chunk_frames: int | None = None,
+        decode_chunk_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
     ) -> None:
         super().__init__()
         mults = tuple(int(m) for m in channel_mults)
@@ -232,6 +249,13 @@ class VideoVAE(nn.Module):
         self.decoder = Decoder3d(*config)
         self.initialize_weights()
         self.gradient_checkpointing = gradient_checkpointing
+        validate_chunk_frames(encode_chunk_frames, self.temporal_compression, "encode_chunk_frames")
+        validate_chunk_frames(decode_chunk_frames, self.temporal_compression, "decode_chunk_frames")
+        validate_tiling(tile_size, tile_overlap, self.spatial_compression)
+        self.encode_chunk_frames = encode_chunk_frames
+        self.decode_chunk_frames = decode_chunk_frames
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
 
     def initialize_weights(self) -> None:
         """Xavier-uniform convs with zero bias; zero the second conv of every residual block.
@@ -288,20 +312,63 @@ class VideoVAE(nn.Module):
         sc, tc = self.spatial_compression, self.temporal_compression
         return (*batch, self.latent_channels, 1 + (frames - 1) // tc, height // sc, width // sc)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Posterior over latents for x (B, C, T, H, W) in [-1, 1]; latents (B, L, Tz, H/sc, W/sc)."""
+    def encode(
+        self,
+        x: torch.Tensor,
+        chunk_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float | None = None,
+    ) -> DiagonalGaussian:
+        """Posterior over latents for x (B, C, T, H, W) in [-1, 1]; latents (B, L, Tz, H/sc, W/sc).
+
+        ``chunk_frames`` (a multiple of tc) encodes frame 0 alone, then chunks of that many frames
+        with a causal cache: same result as the full pass, activation memory of one chunk.
+        ``tile_size`` (pixels, multiple of sc) encodes overlapping tiles blended in latent space
+        (approximate, see ``vae_chunked``). None takes the constructor defaults.
+        """
         if x.ndim != 5:
             raise ValueError(f"encode expects a (B, C, T, H, W) video, got shape {tuple(x.shape)}")
         self._check_video_dims(*x.shape[1:])
-        return DiagonalGaussian.from_moments(self.encoder(x))  # B 2L Tz h w -> q(z|x)
+        chunk, tile, overlap = self._plan(chunk_frames, tile_size, tile_overlap, self.encode_chunk_frames)
+        moments = run_stream(self.encoder, x, chunk, tile, overlap, self.spatial_compression, 1)
+        return DiagonalGaussian.from_moments(moments)  # B 2L Tz h w -> q(z|x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstruct (B, C, 1 + tc * (Tz - 1), h * sc, w * sc) from latents z (B, L, Tz, h, w)."""
+    def decode(
+        self,
+        z: torch.Tensor,
+        chunk_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: float | None = None,
+    ) -> torch.Tensor:
+        """Reconstruct (B, C, 1 + tc * (Tz - 1), h * sc, w * sc) from latents z (B, L, Tz, h, w).
+
+        ``chunk_frames`` counts output video frames (a multiple of tc, i.e. chunk_frames / tc
+        latent frames per chunk after the first latent frame) and is exact; ``tile_size`` (output
+        pixels, multiple of sc) blends overlapping decoded tiles in pixel space (approximate).
+        None takes the constructor defaults.
+        """
         if z.ndim != 5 or z.shape[1] != self.latent_channels:
             raise ValueError(
                 f"decode expects latents (B, {self.latent_channels}, Tz, h, w), got shape {tuple(z.shape)}"
             )
-        return self.decoder(z)
+        chunk, tile, overlap = self._plan(chunk_frames, tile_size, tile_overlap, self.decode_chunk_frames)
+        latent_chunk = None if chunk is None else chunk // self.temporal_compression
+        return run_stream(self.decoder, z, latent_chunk, tile, overlap, 1, self.spatial_compression)
+
+    def _plan(
+        self,
+        chunk_frames: int | None,
+        tile_size: int | None,
+        tile_overlap: float | None,
+        default_chunk_frames: int | None,
+    ) -> tuple[int | None, int | None, float]:
+        """Fill unset chunking/tiling arguments from the defaults and validate them."""
+        chunk = default_chunk_frames if chunk_frames is None else chunk_frames
+        tile = self.tile_size if tile_size is None else tile_size
+        overlap = self.tile_overlap if tile_overlap is None else tile_overlap
+        validate_chunk_frames(chunk, self.temporal_compression, "chunk_frames")
+        validate_tiling(tile, overlap, self.spatial_compression)
+        return chunk, tile, overlap
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
