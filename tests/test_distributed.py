@@ -57,7 +57,9 @@ def test_ddp_fit_on_uneven_shards_finishes_on_both_ranks(tmp_path):
           "data.num_frames=5", "data.height=32", "data.width=32", "data.batch_size=2", "data.val_batch_size=2",
           "data.num_workers=2", "data.frame_stride=1", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
           "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.progress_bar.refresh_rate=0",
-          "module.warmup_steps=1"], timeout=400)
+          "module.warmup_steps=1", "module.disc_start_step=3"], timeout=400)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 6
     assert (run_dir / "config_resolved.yaml").exists()
+    assert (run_dir / "vae_export" / "export.json").exists(), "rank 0 exports while rank 1 waits"
+    assert any(k.startswith("discriminator.") for k in last["state_dict"])
