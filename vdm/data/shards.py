@@ -21,7 +21,7 @@ from typing import Any
 import braceexpand
 import torch
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 logger = logging.getLogger(__name__)
 
@@ -129,27 +129,12 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar shard: {"__key__", "__url__", ext: bytes, ...}; closes the stream
-    (and its pipe process) also when the consumer stops early."""
+    """Raw samples of one tar shard: {"__key__", "__url__", ext: bytes, ...} (webdataset's tar expansion
+    and key grouping); closes the stream (and its pipe process) also when the consumer stops early."""
     stream = wds.gopen(url, "rb")
-    current: dict[str, Any] | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                prefix, suffix = base_plus_ext(member.name)
-                if prefix is None or os.path.basename(prefix).startswith("__"):
-                    continue
-                data = tar.extractfile(member).read()
-                tar.members = []  # streaming: do not keep every header in memory
-                if current is None or current["__key__"] != prefix:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": prefix, "__url__": url}
-                current[suffix.lower()] = data
-        if current is not None:
-            yield current
+        files = tar_file_expander([{"url": url, "stream": stream}])
+        yield from group_by_keys(files)
     finally:
         try:
             stream.close()
