@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.videos} videos {args.size}x{args.size}x{args.frames} H.264 (gop {args.gop}); clips of "
         f"{args.num_frames} frames; {args.batches * args.batch_size} clips x {args.rounds} rounds (medians)"
     )
-    print(f"{'path':<56}{'clips/s':>9}{'ratio':>8}")
+    print(f"{'path':<68}{'clips/s':>9}{'ratio':>8}")
     base = f"pipeline: {args.workers} workers, batch {args.batch_size}"
     rows = [
         (f"{base}, float32 [-1, 1] in workers", "pipeline_float32", ratio["float32"]),
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("raw decord get_batch, 1 process, num_threads=0", "raw_threads0", None),
     ]
     for label, name, value in rows:
-        print(f"{label:<56}{median[name]:>9.1f}{'' if value is None else f'{value:.2f}':>8}")
+        print(f"{label:<68}{median[name]:>9.1f}{'' if value is None else f'{value:.2f}':>8}")
     print("ratio: pipeline / faster raw decode of the same clips, median over rounds")
     return result
 
