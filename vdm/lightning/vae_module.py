@@ -20,11 +20,6 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
-def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, 1)) averaged over every latent element."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-
-
 class VAEModule(L.LightningModule):
     """Trains ``model`` (a ``VideoVAE``) as in the LDM/VQGAN recipe, extended to video.
 
@@ -112,7 +107,7 @@ class VAEModule(L.LightningModule):
         """Total generator loss, its logged terms, and the reconstruction (for the discriminator step)."""
         x_hat, posterior = self.model(x, sample_posterior=self.hparams.sample_posterior)
         terms = self.reconstruction_terms(x, x_hat)
-        terms["kl"] = kl_per_element(posterior.mean, posterior.logvar)
+        terms["kl"] = posterior.kl(reduction="mean").mean()
         loss = terms["rec"] + self.hparams.kl_weight * terms["kl"]
         if self.gan_active:
             terms["g_loss"] = hinge_g_loss(self.discriminator(x_hat))
@@ -170,7 +165,7 @@ class VAEModule(L.LightningModule):
         x = batch["video"][torch.tensor(keep, device=batch["video"].device)]
         x_hat, posterior = self.model(x, sample_posterior=False)
         terms = self.reconstruction_terms(x, x_hat)
-        loss = terms["rec"] + self.hparams.kl_weight * kl_per_element(posterior.mean, posterior.logvar)
+        loss = terms["rec"] + self.hparams.kl_weight * posterior.kl(reduction="mean").mean()
         metrics = self.val_metrics
         metrics["loss"].update(loss, weight=x.shape[0])
         metrics["psnr"].update(frame_psnr(x_hat, x))
