@@ -259,26 +259,48 @@ def test_tiled_equals_full_when_tile_covers_frame() -> None:
         assert torch.equal(vae.decode(z, tile_size=32), vae.decode(z))
 
 
-def test_tiled_close_to_full() -> None:
-    # Per-frame GroupNorm statistics taken over a tile instead of the whole frame dominate the
-    # error, so the tolerance holds for statistically stationary content (noise); see vae_chunked.
-    vae = make_vae(TINY, randomize=False)
-    x = video((1, 3, 3, 64, 48))
+def tiling_errors(vae: VideoVAE, x: torch.Tensor, tile: int) -> dict[str, float]:
+    """Max and mean |tiled - full| of encode (latent means) and decode, relative to the output scale."""
     with torch.no_grad():
         full = vae.encode(x).mean
         decoded = vae.decode(full)
-        errors = {}
-        for tile in (32, 48):
-            enc = vae.encode(x, tile_size=tile, tile_overlap=0.25).mean
-            dec = vae.decode(full, tile_size=tile, tile_overlap=0.25)
-            errors[tile] = ((enc - full).abs().mean().item(), (dec - decoded).abs().mean().item())
-    # enc, dec hold the 48 px results; measured: max |err| 0.108 (enc) / 0.110 (dec),
-    # mean 0.013 / 0.022, output scale ~0.57
-    # (32 px: max 0.28 / 0.26, mean 0.033 / 0.034)
-    assert max_err(enc, full) < 0.2 and max_err(dec, decoded) < 0.2
-    assert errors[48][0] < 0.03 * full.abs().mean().item()
-    assert errors[48][1] < 0.05 * decoded.abs().mean().item()
-    assert errors[48][0] < errors[32][0] and errors[48][1] < errors[32][1]
+        enc = vae.encode(x, tile_size=tile, tile_overlap=0.25).mean
+        dec = vae.decode(full, tile_size=tile, tile_overlap=0.25)
+    return {
+        "enc_max": max_err(enc, full),
+        "dec_max": max_err(dec, decoded),
+        "enc_mean": ((enc - full).abs().mean() / full.abs().mean()).item(),
+        "dec_mean": ((dec - decoded).abs().mean() / decoded.abs().mean()).item(),
+    }
+
+
+def smooth_video(shape: tuple[int, ...]) -> torch.Tensor:
+    """A vertical sinusoidal gradient: content that differs between tiles (sky over ground)."""
+    b, c, t, h, w = shape
+    return torch.sin(torch.linspace(0, 3, h)).view(1, 1, 1, h, 1).expand(b, c, t, h, w).contiguous()
+
+
+@pytest.mark.parametrize("content", ["noise", "smooth"])
+def test_tiled_close_to_full(content: str) -> None:
+    # With RMSNorm over channels nothing depends on the tile's extent except zero padding at
+    # tile borders inside the receptive field. Measured (weights perturbed so the residual branches
+    # are live) at 48 px tiles on 64 x 48 frames: mean relative error 2.0% (noise) and 1.2% (smooth)
+    # for encode, 1.7% / 1.5% for decode, max |err| 0.31 / 0.20; 32 px tiles: 6-9%.
+    vae = make_vae(TINY)
+    shape = (1, 3, 3, 64, 48)
+    x = video(shape) if content == "noise" else smooth_video(shape)
+    small, large = tiling_errors(vae, x, 32), tiling_errors(vae, x, 48)
+    assert large["enc_max"] < 0.4 and large["dec_max"] < 0.4
+    assert large["enc_mean"] < 0.03 and large["dec_mean"] < 0.03
+    assert large["enc_mean"] < small["enc_mean"] and large["dec_mean"] < small["dec_mean"]
+
+
+def test_tiling_with_group_norm_is_worse_on_smooth_content() -> None:
+    # per-frame GroupNorm statistics over a tile differ from the whole frame's: 17-40x the error
+    shape = (1, 3, 3, 64, 48)
+    rms = tiling_errors(make_vae(TINY), smooth_video(shape), 48)
+    group = tiling_errors(make_vae({**TINY, "norm": "group"}), smooth_video(shape), 48)
+    assert group["enc_mean"] > 5 * rms["enc_mean"] and group["dec_mean"] > 5 * rms["dec_mean"]
 
 
 def test_tiled_and_chunked_compose() -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vdm.models.layers import CausalConv3d
+from vdm.models.layers import CausalConv3d, ChannelRMSNorm
 from vdm.models.vae import DiagonalGaussian, VideoVAE
 
 TINY = dict(
@@ -85,6 +85,29 @@ def test_causal_conv3d_rejects_even_spatial_kernel() -> None:
         CausalConv3d(2, 2, (3, 3))
 
 
+# --- normalisation ----------------------------------------------------------------------------
+
+
+def test_channel_rms_norm_is_per_position() -> None:
+    norm = ChannelRMSNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 6))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    x = torch.randn(2, 6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 5 + 3
+    out = norm(x)
+    # each (b, t, h, w) position is x / rms over channels, then the affine map
+    rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
+    expected = x / rms * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # no statistics across space or time: a crop normalises exactly like inside the whole tensor
+    assert torch.equal(norm(x[:, :, 1:, 2:6, 3:7]), out[:, :, 1:, 2:6, 3:7])
+    # a flat frame keeps its level (GroupNorm per frame would map every flat frame to its bias)
+    flat = torch.full((1, 6, 1, 4, 4), 0.7)
+    flat[:, :3] = -0.2
+    assert not torch.allclose(norm(flat), norm(-flat))
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
 # --- shapes ------------------------------------------------------------------------------------
 
 
@@ -126,7 +149,10 @@ def test_image_encodes_like_first_frame_of_clip() -> None:
 # --- causality (weights perturbed so zero-init residual branches contribute) -------------------
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4])
+TINY_TC4_GROUP = {**TINY_TC4, "norm": "group"}
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP])
 def test_encoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -140,7 +166,7 @@ def test_encoder_causality(config: dict) -> None:
             assert not torch.allclose(z2[:, :, first_affected], z[:, :, first_affected]), j
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP])
 def test_decoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -245,7 +271,8 @@ def test_diagonal_gaussian() -> None:
     "overrides, match",
     [
         ({"temporal_downsample": (True, True)}, r"len\(temporal_downsample\) must equal .* - 1 = 1"),
-        ({"base_channels": 24, "norm_groups": 16}, r"divisible by norm_groups \(16\).*e\.g\. 8"),
+        ({"base_channels": 24, "norm_groups": 16, "norm": "group"}, r"divisible by norm_groups \(16\).*e\.g\. 8"),
+        ({"norm": "batch"}, r"norm must be 'rms' .* or 'group' .*got 'batch'"),
         ({"channel_mults": ()}, "channel_mults must be a non-empty"),
         ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),

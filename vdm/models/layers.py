@@ -6,8 +6,11 @@ Two choices make that hold exactly rather than approximately:
 - ``CausalConv3d`` pads only the past (never the future) and is the single place where temporal
   padding happens, so a ``CausalCache`` of past frames replaces that padding when a long video is
   processed in consecutive temporal chunks.
-- ``CausalGroupNorm`` takes its statistics per frame; a GroupNorm over (C/G, T, H, W) would let
-  future frames shift the normalisation of past ones (and would make chunked results differ).
+- Normalisation never mixes frames. ``ChannelRMSNorm`` (the default of the VAE) normalises each
+  (t, h, w) position over its channels, so it is also independent of the spatial extent (tiles
+  see the same statistics as the whole frame) and keeps a flat region's absolute level;
+  ``CausalGroupNorm`` takes GroupNorm statistics per frame. A GroupNorm over (C/G, T, H, W) would
+  let future frames shift the normalisation of past ones (and make chunked results differ).
 
 Tensors are ``B C T H W``.
 """
@@ -15,6 +18,7 @@ Tensors are ``B C T H W``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +202,40 @@ class CausalGroupNorm(nn.GroupNorm):
         return rearrange(out.to(x.dtype), "(b t) c h w -> b c t h w", t=x.shape[2])
 
 
+class ChannelRMSNorm(nn.Module):
+    """RMS normalisation over channels at every (t, h, w) position, with a gain and a bias, in fp32.
+
+    ``x / rms_c(x) * weight + bias``. Unlike (per-frame) GroupNorm it removes no spatial mean, so a
+    uniform frame keeps its colour through the decoder's last normalisation, and a spatial tile is
+    normalised exactly as inside the whole frame. Shapes: (B, C, T, H, W) -> same, input dtype.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, T, H, W)."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (h * self.weight.float().view(shape) + self.bias.float().view(shape)).to(x.dtype)
+
+
+NormKind = Literal["rms", "group"]
+
+
+def make_norm(kind: NormKind, channels: int, groups: int) -> nn.Module:
+    """The normalisation layer of a block: ``ChannelRMSNorm`` or per-frame ``CausalGroupNorm``."""
+    if kind == "rms":
+        return ChannelRMSNorm(channels)
+    if kind == "group":
+        return CausalGroupNorm(groups, channels)
+    raise ValueError(f"norm must be 'rms' or 'group', got {kind!r}")
+
+
 def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, enabled: bool) -> torch.Tensor:
     """Apply ``fn(x)``, recomputing its activations in backward when ``enabled`` and autograd records.
 
@@ -210,20 +248,25 @@ def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, en
 
 
 class ResBlock3d(nn.Module):
-    """Pre-activation residual block: (GroupNorm, SiLU, CausalConv3d) x 2 plus a shortcut.
+    """Pre-activation residual block: (norm, SiLU, CausalConv3d) x 2 plus a shortcut.
 
     The shortcut is a 1x1x1 conv when the channel count changes, identity otherwise.
     Shapes: (B, C_in, T, H, W) -> (B, C_out, T, H, W).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 16
+        self,
+        in_channels: int,
+        out_channels: int,
+        dropout: float = 0.0,
+        norm_groups: int = 16,
+        norm: NormKind = "rms",
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = False
-        self.norm1 = CausalGroupNorm(norm_groups, in_channels)
+        self.norm1 = make_norm(norm, in_channels, norm_groups)
         self.conv1 = CausalConv3d(in_channels, out_channels, 3)
-        self.norm2 = CausalGroupNorm(norm_groups, out_channels)
+        self.norm2 = make_norm(norm, out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
         self.shortcut: nn.Module = (

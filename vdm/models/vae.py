@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdm.models.layers import CausalCache, CausalConv3d, CausalGroupNorm, Downsample3d, ResBlock3d, Upsample3d
+from vdm.models.layers import CausalCache, CausalConv3d, ChannelRMSNorm, Downsample3d, NormKind, ResBlock3d, Upsample3d, make_norm
 from vdm.models.vae_chunked import run_stream, validate_chunk_frames, validate_tiling
 
 LOGVAR_MIN = -30.0
@@ -91,6 +91,7 @@ class Encoder3d(nn.Module):
         temporal_downsample: tuple[bool, ...],
         dropout: float,
         norm_groups: int,
+        norm: NormKind,
     ) -> None:
         super().__init__()
         self.conv_in = CausalConv3d(in_channels, base_channels, 3)
@@ -98,13 +99,13 @@ class Encoder3d(nn.Module):
         channels = base_channels
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock3d(channels, base_channels * mult, dropout, norm_groups))
+                blocks.append(ResBlock3d(channels, base_channels * mult, dropout, norm_groups, norm))
                 channels = base_channels * mult
             if level < len(channel_mults) - 1:
                 blocks.append(Downsample3d(channels, temporal=temporal_downsample[level]))
-        blocks += [ResBlock3d(channels, channels, dropout, norm_groups) for _ in range(2)]  # mid
+        blocks += [ResBlock3d(channels, channels, dropout, norm_groups, norm) for _ in range(2)]  # mid
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = CausalGroupNorm(norm_groups, channels)
+        self.norm_out = make_norm(norm, channels, norm_groups)
         self.conv_out = CausalConv3d(channels, 2 * latent_channels, 3)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
@@ -128,21 +129,22 @@ class Decoder3d(nn.Module):
         temporal_downsample: tuple[bool, ...],
         dropout: float,
         norm_groups: int,
+        norm: NormKind,
     ) -> None:
         super().__init__()
         channels = base_channels * channel_mults[-1]
         self.conv_in = CausalConv3d(latent_channels, channels, 3)
-        blocks: list[nn.Module] = [ResBlock3d(channels, channels, dropout, norm_groups) for _ in range(2)]
+        blocks: list[nn.Module] = [ResBlock3d(channels, channels, dropout, norm_groups, norm) for _ in range(2)]
         for level in reversed(range(len(channel_mults))):
             # one block more than the encoder per level, as in the LDM/SD autoencoder
             for _ in range(num_res_blocks + 1):
                 out_channels_level = base_channels * channel_mults[level]
-                blocks.append(ResBlock3d(channels, out_channels_level, dropout, norm_groups))
+                blocks.append(ResBlock3d(channels, out_channels_level, dropout, norm_groups, norm))
                 channels = out_channels_level
             if level > 0:
                 blocks.append(Upsample3d(channels, temporal=temporal_downsample[level - 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = CausalGroupNorm(norm_groups, channels)
+        self.norm_out = make_norm(norm, channels, norm_groups)
         self.conv_out = CausalConv3d(channels, out_channels, 3)
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
@@ -165,6 +167,7 @@ def _validate_config(
     temporal_downsample: tuple[bool, ...],
     dropout: float,
     norm_groups: int,
+    norm: str,
 ) -> None:
     """Raise ValueError with a fix-it message for any inconsistent VideoVAE argument."""
     if in_channels < 1 or latent_channels < 1 or base_channels < 1:
@@ -183,7 +186,9 @@ def _validate_config(
         raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if norm_groups < 1 or base_channels % norm_groups != 0:
+    if norm not in ("rms", "group"):
+        raise ValueError(f"norm must be 'rms' (channel RMSNorm) or 'group' (per-frame GroupNorm), got {norm!r}")
+    if norm == "group" and (norm_groups < 1 or base_channels % norm_groups != 0):
         raise ValueError(
             f"base_channels ({base_channels}) must be divisible by norm_groups ({norm_groups}); "
             f"pick norm_groups from the divisors of base_channels, e.g. "
@@ -207,7 +212,10 @@ class VideoVAE(nn.Module):
         temporal_downsample: per downsample (len(channel_mults) - 1 flags), whether it also
             halves time (1 + 2k -> 1 + k).
         dropout: dropout inside residual blocks.
-        norm_groups: GroupNorm groups; must divide base_channels.
+        norm: ``"rms"`` (default): RMS normalisation over channels per position, which keeps
+            absolute levels of flat regions and makes spatial tiles exact up to the receptive
+            field; ``"group"``: GroupNorm with per-frame statistics.
+        norm_groups: GroupNorm groups when ``norm="group"``; must divide base_channels.
         gradient_checkpointing: recompute every block's activations in backward (not applied
             inside chunked passes, whose cache updates cannot be replayed).
         encode_chunk_frames: default ``chunk_frames`` of ``encode``; None encodes the whole clip
@@ -228,6 +236,7 @@ class VideoVAE(nn.Module):
         temporal_downsample: Sequence[bool] = (False, True, True),
         dropout: float = 0.0,
         norm_groups: int = 16,
+        norm: NormKind = "rms",
         gradient_checkpointing: bool = False,
         encode_chunk_frames: int | None = None,
         decode_chunk_frames: int | None = None,
@@ -238,7 +247,7 @@ class VideoVAE(nn.Module):
         mults = tuple(int(m) for m in channel_mults)
         temporal = tuple(bool(flag) for flag in temporal_downsample)
         config = (
-            in_channels, latent_channels, base_channels, mults, num_res_blocks, temporal, dropout, norm_groups
+            in_channels, latent_channels, base_channels, mults, num_res_blocks, temporal, dropout, norm_groups, norm
         )
         _validate_config(*config)
         self.in_channels = in_channels
@@ -269,7 +278,7 @@ class VideoVAE(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.GroupNorm):
+            elif isinstance(module, (nn.GroupNorm, ChannelRMSNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         for module in self.modules():
