@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -84,6 +85,17 @@ def test_discriminator_waits_for_its_start_step(tmp_path):
     trainer = fit(module, 3, tmp_path)
     assert all(torch.equal(v, module.discriminator.state_dict()[k]) for k, v in before_d.items())
     assert "train/d_loss" not in trainer.callback_metrics
+
+
+def test_discriminator_schedule_starts_with_its_first_step(tmp_path):
+    module = make_module(disc_start_step=3, warmup_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+        trainer = fit(module, 5, tmp_path)
+    generator, discriminator = (config.scheduler for config in trainer.lr_scheduler_configs)
+    assert generator.last_epoch == 5 and discriminator.last_epoch == 2
+    # the discriminator is two steps into its own linear warmup (from 1/5 to 1 over 4 steps)
+    assert discriminator.get_last_lr()[0] == pytest.approx(1e-3 * (1 / 5 + 2 * (4 / 5) / 4))
 
 
 def test_short_run_reduces_reconstruction_loss(tmp_path):

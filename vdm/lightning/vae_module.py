@@ -149,8 +149,9 @@ class VAEModule(L.LightningModule):
             terms["d_loss"] = hinge_d_loss(logits_real, logits_fake)
             terms["logits_real"], terms["logits_fake"] = logits_real.mean(), logits_fake.mean()
             terms["d_grad_norm"] = self._step(opt_d, terms["d_loss"], raw=True)
-        for scheduler in schedulers:
-            scheduler.step()
+        schedulers[0].step()
+        if gan_active and len(schedulers) > 1:  # the discriminator's schedule starts with its first step
+            schedulers[1].step()
 
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items() if k not in ("loss", "rec")})
@@ -189,9 +190,11 @@ class VAEModule(L.LightningModule):
         optimizers = [self.optimizer_factory(self.model.parameters())]
         if self.discriminator is not None:
             optimizers.append(self.disc_optimizer_factory(self.discriminator.parameters()))
+        # the discriminator runs (and warms up) from disc_start_step on
+        lengths = [int(total), max(int(total) - hp.disc_start_step, 1)]
         schedulers = [
-            {"scheduler": warmup_cosine(opt, hp.warmup_steps, int(total), hp.min_lr_ratio), "interval": "step"}
-            for opt in optimizers
+            {"scheduler": warmup_cosine(opt, hp.warmup_steps, length, hp.min_lr_ratio), "interval": "step"}
+            for opt, length in zip(optimizers, lengths)
         ]
         return optimizers, schedulers
 
