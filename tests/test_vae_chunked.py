@@ -27,6 +27,7 @@ TINY_TC4 = dict(
     norm_groups=8,
     latent_channels=4,
 )
+TINY_PATCH = {**TINY_TC4, "patch_size": 2}
 CHUNK_ATOL = 1e-5
 
 
@@ -108,7 +109,7 @@ def test_cache_refuses_reentry() -> None:
 # --- chunked encode / decode equal the full pass ------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4], ids=["tc2", "tc4"])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_PATCH], ids=["tc2", "tc4", "patch2"])
 def test_chunked_encode_matches_full(config: dict) -> None:
     vae = make_vae(config)
     tc = vae.temporal_compression
@@ -123,7 +124,7 @@ def test_chunked_encode_matches_full(config: dict) -> None:
             assert max_err(chunked.logvar, full.logvar) < CHUNK_ATOL, chunk
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4], ids=["tc2", "tc4"])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_PATCH], ids=["tc2", "tc4", "patch2"])
 def test_chunked_decode_matches_full(config: dict) -> None:
     vae = make_vae(config)
     tc = vae.temporal_compression

@@ -21,6 +21,8 @@ TINY_TC4 = dict(
     temporal_downsample=(True, True),
     norm_groups=4,
 )
+# 2x2 pixel patches folded into channels: sc = 2 * 4 = 8
+TINY_PATCH = {**TINY_TC4, "patch_size": 2}
 
 
 def make_vae(config: dict, seed: int = 0, randomize: bool = False) -> VideoVAE:
@@ -113,7 +115,8 @@ def test_channel_rms_norm_is_per_position() -> None:
 
 @pytest.mark.parametrize(
     "config, frames, size",
-    [(TINY, 1, 32), (TINY, 3, 16), (TINY, 9, 32), (TINY_TC4, 1, 16), (TINY_TC4, 5, 16), (TINY_TC4, 9, 8)],
+    [(TINY, 1, 32), (TINY, 3, 16), (TINY, 9, 32), (TINY_TC4, 1, 16), (TINY_TC4, 5, 16), (TINY_TC4, 9, 8),
+     (TINY_PATCH, 1, 16), (TINY_PATCH, 5, 32)],
 )
 def test_shapes(config: dict, frames: int, size: int) -> None:
     vae = make_vae(config)
@@ -126,6 +129,20 @@ def test_shapes(config: dict, frames: int, size: int) -> None:
     assert vae.latent_shape(x.shape[1:]) == expected_latent[1:]
     assert x_hat.shape == x.shape
     assert vae.decode(posterior.mode()).shape == x.shape
+
+
+def test_patch_size_folds_pixels_into_channels() -> None:
+    vae = make_vae(TINY_PATCH)
+    assert vae.spatial_compression == 2 * make_vae(TINY_TC4).spatial_compression
+    assert vae.encoder.conv_in.in_channels == 3 * 4 and vae.decoder.conv_out.out_channels == 3 * 4
+    # each output pixel of a patch comes from its own channel of the last conv
+    x_hat = vae.decode(torch.zeros(1, vae.latent_channels, 2, 2, 2))
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[3 * 4 - 1] += 1.0  # channel (c=2, ph=1, pw=1)
+    shifted = vae.decode(torch.zeros(1, vae.latent_channels, 2, 2, 2)) - x_hat
+    assert torch.allclose(shifted[:, 2, :, 1::2, 1::2], torch.ones(()))
+    shifted[:, 2, :, 1::2, 1::2] = 0
+    assert shifted.abs().max() == 0
 
 
 def test_default_config() -> None:
@@ -152,7 +169,7 @@ def test_image_encodes_like_first_frame_of_clip() -> None:
 TINY_TC4_GROUP = {**TINY_TC4, "norm": "group"}
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH])
 def test_encoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -166,7 +183,7 @@ def test_encoder_causality(config: dict) -> None:
             assert not torch.allclose(z2[:, :, first_affected], z[:, :, first_affected]), j
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH])
 def test_decoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -272,6 +289,7 @@ def test_diagonal_gaussian() -> None:
     [
         ({"temporal_downsample": (True, True)}, r"len\(temporal_downsample\) must equal .* - 1 = 1"),
         ({"base_channels": 24, "norm_groups": 16, "norm": "group"}, r"divisible by norm_groups \(16\).*e\.g\. 8"),
+        ({"patch_size": 0}, r"patch_size must be >= 1"),
         ({"norm": "batch"}, r"norm must be 'rms' .* or 'group' .*got 'batch'"),
         ({"channel_mults": ()}, "channel_mults must be a non-empty"),
         ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vdm.models.layers import CausalCache, CausalConv3d, ChannelRMSNorm, Downsample3d, NormKind, ResBlock3d, Upsample3d, make_norm
@@ -79,10 +80,15 @@ class DiagonalGaussian:
 
 
 class Encoder3d(nn.Module):
-    """Causal 3D encoder: (B, C, T, H, W) -> moments (B, 2L, 1 + (T - 1) / tc, H / sc, W / sc)."""
+    """Causal 3D encoder: (B, C, T, H, W) -> moments (B, 2L, 1 + (T - 1) / tc, H / sc, W / sc).
+
+    With ``patch_size`` p > 1 every p x p pixel patch is first folded into channels (space-to-depth),
+    so the network starts at 1/p resolution with C * p * p input channels.
+    """
 
     def __init__(
         self,
+        patch_size: int,
         in_channels: int,
         latent_channels: int,
         base_channels: int,
@@ -94,7 +100,8 @@ class Encoder3d(nn.Module):
         norm: NormKind,
     ) -> None:
         super().__init__()
-        self.conv_in = CausalConv3d(in_channels, base_channels, 3)
+        self.patch_size = patch_size
+        self.conv_in = CausalConv3d(in_channels * patch_size**2, base_channels, 3)
         blocks: list[nn.Module] = []
         channels = base_channels
         for level, mult in enumerate(channel_mults):
@@ -110,17 +117,24 @@ class Encoder3d(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, 2L, Tz, h, w); with ``cache``, x is the next chunk of a video."""
-        h = self.conv_in(x, cache)  # B base T H W
+        p = self.patch_size
+        x = rearrange(x, "b c t (h ph) (w pw) -> b (c ph pw) t h w", ph=p, pw=p)  # B C*p*p T H/p W/p
+        h = self.conv_in(x, cache)  # B base T H/p W/p
         for block in self.blocks:
             h = block(h, cache)  # B ch T' H' W'
         return self.conv_out(F.silu(self.norm_out(h)), cache)  # B 2L Tz h w
 
 
 class Decoder3d(nn.Module):
-    """Causal 3D decoder: (B, L, Tz, h, w) -> (B, C, 1 + tc * (Tz - 1), h * sc, w * sc)."""
+    """Causal 3D decoder: (B, L, Tz, h, w) -> (B, C, 1 + tc * (Tz - 1), h * sc, w * sc).
+
+    With ``patch_size`` p > 1 the last conv predicts C * p * p channels, unfolded into p x p pixel
+    patches (depth-to-space).
+    """
 
     def __init__(
         self,
+        patch_size: int,
         out_channels: int,
         latent_channels: int,
         base_channels: int,
@@ -145,7 +159,8 @@ class Decoder3d(nn.Module):
                 blocks.append(Upsample3d(channels, temporal=temporal_downsample[level - 1]))
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = make_norm(norm, channels, norm_groups)
-        self.conv_out = CausalConv3d(channels, out_channels, 3)
+        self.patch_size = patch_size
+        self.conv_out = CausalConv3d(channels, out_channels * patch_size**2, 3)
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """(B, L, Tz, h, w) -> (B, C, T, H, W), unbounded (no tanh), trained towards [-1, 1].
@@ -155,10 +170,13 @@ class Decoder3d(nn.Module):
         h = self.conv_in(z, cache)  # B ch Tz h w
         for block in self.blocks:
             h = block(h, cache)  # B ch T' H' W'
-        return self.conv_out(F.silu(self.norm_out(h)), cache)  # B C T H W
+        out = self.conv_out(F.silu(self.norm_out(h)), cache)  # B C*p*p T H/p W/p
+        p = self.patch_size
+        return rearrange(out, "b (c ph pw) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)  # B C T H W
 
 
 def _validate_config(
+    patch_size: int,
     in_channels: int,
     latent_channels: int,
     base_channels: int,
@@ -170,6 +188,8 @@ def _validate_config(
     norm: str,
 ) -> None:
     """Raise ValueError with a fix-it message for any inconsistent VideoVAE argument."""
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1 (1: no space-to-depth patching), got {patch_size}")
     if in_channels < 1 or latent_channels < 1 or base_channels < 1:
         raise ValueError(
             f"in_channels, latent_channels and base_channels must be >= 1, got "
@@ -200,12 +220,16 @@ class VideoVAE(nn.Module):
     """Causal 3D video VAE.
 
     Videos are (B, C, T, H, W) in [-1, 1] with T = 1 + tc * k and H, W divisible by sc, where
-    sc = 2 ** (len(channel_mults) - 1) and tc = 2 ** sum(temporal_downsample). Latents are
+    sc = patch_size * 2 ** (len(channel_mults) - 1) and tc = 2 ** sum(temporal_downsample). Latents are
     (B, L, 1 + k, H / sc, W / sc). Defaults give sc = 8, tc = 4, L = 4.
 
     Args:
         in_channels: pixel channels C.
         latent_channels: latent channels L.
+        patch_size: p > 1 folds p x p pixel patches into channels before the first conv and
+            unfolds the last conv's output (space-to-depth, as in Wan 2.2's VAE and DC-AE): the
+            full-resolution level disappears, which cuts compute and makes sharp edges far quicker
+            to learn; sc grows by p.
         base_channels: width of the first (full-resolution) level.
         channel_mults: width multiplier per level; one spatial 2x downsample between levels.
         num_res_blocks: residual blocks per encoder level (the decoder uses one more).
@@ -230,6 +254,7 @@ class VideoVAE(nn.Module):
         self,
         in_channels: int = 3,
         latent_channels: int = 4,
+        patch_size: int = 1,
         base_channels: int = 64,
         channel_mults: Sequence[int] = (1, 2, 4, 4),
         num_res_blocks: int = 2,
@@ -247,11 +272,13 @@ class VideoVAE(nn.Module):
         mults = tuple(int(m) for m in channel_mults)
         temporal = tuple(bool(flag) for flag in temporal_downsample)
         config = (
-            in_channels, latent_channels, base_channels, mults, num_res_blocks, temporal, dropout, norm_groups, norm
+            patch_size, in_channels, latent_channels, base_channels, mults, num_res_blocks, temporal, dropout,
+            norm_groups, norm,
         )
         _validate_config(*config)
         self.in_channels = in_channels
         self.latent_channels = latent_channels
+        self.patch_size = patch_size
         self.channel_mults = mults
         self.temporal_downsample = temporal
         self.encoder = Encoder3d(*config)
@@ -288,8 +315,8 @@ class VideoVAE(nn.Module):
 
     @property
     def spatial_compression(self) -> int:
-        """Pixels per latent along H and W."""
-        return 2 ** (len(self.channel_mults) - 1)
+        """Pixels per latent along H and W: patch_size * 2 ** (number of downsampling levels)."""
+        return self.patch_size * 2 ** (len(self.channel_mults) - 1)
 
     @property
     def temporal_compression(self) -> int:

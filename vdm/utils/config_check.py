@@ -200,7 +200,8 @@ def _check_vae_shapes(cfg: Mapping) -> None:
     tdown = _get(cfg, "model.temporal_downsample")
     if mults is None or tdown is None:
         return
-    sc = 2 ** (len(mults) - 1)
+    patch = _get(cfg, "model.patch_size")
+    sc = (patch if isinstance(patch, int) else 1) * 2 ** (len(mults) - 1)
     tc = 2 ** sum(bool(x) for x in tdown)
     frames, h, w = (_get(cfg, f"data.{k}") for k in ("num_frames", "height", "width"))
     if isinstance(frames, int) and (frames - 1) % tc:
