@@ -113,7 +113,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     refs = baselines(val)
     print(" ".join(f"{k} {v:.2f} dB" for k, v in refs.items()), flush=True)
-    curve, start = [], time.perf_counter()
+    curve, start, eval_seconds = [], time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):
         x = to_float(train[torch.randint(0, len(train), (args.batch_size,), generator=generator)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -127,8 +127,10 @@ def main() -> None:
         optimizer.step()
         warmup.step()
         if step % args.eval_every == 0 or step == args.steps:
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start - eval_seconds  # training time only
+            eval_start = time.perf_counter()
             psnr = round(evaluate(model, val, 8), 2)
+            eval_seconds += time.perf_counter() - eval_start
             curve.append({"step": step, "seconds": round(elapsed, 1), "psnr": psnr})
             print(f"step {step:5d}  {elapsed:7.1f} s  val psnr {psnr:.2f} dB", flush=True)
     if args.json:
