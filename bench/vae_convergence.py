@@ -37,7 +37,7 @@ def load_clips(corpus: Path, num_train: int, num_val: int, frames: int, size: in
     """{"train": (N, 3, T, H, W) uint8, "val": ...} from the corpus shards, cached next to them."""
     cache = corpus / f".bench_clips_{num_train}_{num_val}_{frames}_{size}.pt"
     if cache.exists():
-        return torch.load(cache)
+        return torch.load(cache, weights_only=True)
     dm = VideoDataModule(root=str(corpus), num_frames=frames, height=size, width=size, batch_size=8,
                          val_batch_size=8, num_workers=0, seed=0, video_dtype="uint8")
     dm.setup("fit")
