@@ -93,7 +93,7 @@ def test_evaluate_config_composes(tmp_path):
         (["data=shards"], r"corpus\.root"),
         (["data.num_frames=8"], r"data\.num_frames: 8 does not fit .*4x temporal"),
         (["data.height=60"], r"data\.height: 60 is not a multiple of .*8x"),
-        (["model.patch_size=2", "data.height=72"], r"data\.height: 72 is not a multiple of .*16x spatial"),
+        (["model.patch_size=4", "data.height=72"], r"data\.height: 72 is not a multiple of .*16x spatial"),
         (["optimizer.lr=-1"], r"optimizer\.lr"),
         (["+model.latent_chanels=8"], r"model\.latent_chanels: .*did you mean 'latent_channels'"),
         (["seed=-3"], r"seed: expected an integer >= 0"),

@@ -28,6 +28,7 @@ TINY_TC4 = dict(
     latent_channels=4,
 )
 TINY_PATCH = {**TINY_TC4, "patch_size": 2}
+TINY_SHORTCUT = {**TINY_PATCH, "shortcuts": True}
 CHUNK_ATOL = 1e-5
 
 
@@ -109,7 +110,9 @@ def test_cache_refuses_reentry() -> None:
 # --- chunked encode / decode equal the full pass ------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_PATCH], ids=["tc2", "tc4", "patch2"])
+@pytest.mark.parametrize(
+    "config", [TINY, TINY_TC4, TINY_PATCH, TINY_SHORTCUT], ids=["tc2", "tc4", "patch2", "shortcuts"]
+)
 def test_chunked_encode_matches_full(config: dict) -> None:
     vae = make_vae(config)
     tc = vae.temporal_compression
@@ -124,7 +127,9 @@ def test_chunked_encode_matches_full(config: dict) -> None:
             assert max_err(chunked.logvar, full.logvar) < CHUNK_ATOL, chunk
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_PATCH], ids=["tc2", "tc4", "patch2"])
+@pytest.mark.parametrize(
+    "config", [TINY, TINY_TC4, TINY_PATCH, TINY_SHORTCUT], ids=["tc2", "tc4", "patch2", "shortcuts"]
+)
 def test_chunked_decode_matches_full(config: dict) -> None:
     vae = make_vae(config)
     tc = vae.temporal_compression

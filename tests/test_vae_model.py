@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from vdm.models.layers import CausalConv3d, ChannelRMSNorm
-from vdm.models.vae import DiagonalGaussian, VideoVAE
+from vdm.models.layers import CausalConv3d, ChannelRMSNorm, Downsample3d, Upsample3d
+from vdm.models.vae import LOGVAR_INIT, DiagonalGaussian, VideoVAE
 
 TINY = dict(
     base_channels=16, channel_mults=(1, 2), num_res_blocks=1, temporal_downsample=(True,), latent_channels=4
@@ -23,6 +25,8 @@ TINY_TC4 = dict(
 )
 # 2x2 pixel patches folded into channels: sc = 2 * 4 = 8
 TINY_PATCH = {**TINY_TC4, "patch_size": 2}
+# parameter-free pooling / repetition shortcuts around every resampling and the latent
+TINY_SHORTCUT = {**TINY_PATCH, "shortcuts": True}
 
 
 def make_vae(config: dict, seed: int = 0, randomize: bool = False) -> VideoVAE:
@@ -153,8 +157,9 @@ def test_default_config() -> None:
     assert vae.last_decoder_layer.shape[:2] == (3, 64)
 
 
-def test_image_encodes_like_first_frame_of_clip() -> None:
-    vae = make_vae(TINY_TC4, randomize=True)
+@pytest.mark.parametrize("config", [TINY_TC4, TINY_SHORTCUT], ids=["plain", "shortcuts"])
+def test_image_encodes_like_first_frame_of_clip(config: dict) -> None:
+    vae = make_vae(config, randomize=True)
     clip = video((1, 3, 9, 16, 16))
     with torch.no_grad():
         z_clip = vae.encode(clip).mode()
@@ -169,7 +174,7 @@ def test_image_encodes_like_first_frame_of_clip() -> None:
 TINY_TC4_GROUP = {**TINY_TC4, "norm": "group"}
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH, TINY_SHORTCUT])
 def test_encoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -183,7 +188,7 @@ def test_encoder_causality(config: dict) -> None:
             assert not torch.allclose(z2[:, :, first_affected], z[:, :, first_affected]), j
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH])
+@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH, TINY_SHORTCUT])
 def test_decoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -197,8 +202,9 @@ def test_decoder_causality(config: dict) -> None:
             assert not torch.allclose(x_hat2[:, :, first_affected], x_hat[:, :, first_affected]), i
 
 
-def test_full_model_causality() -> None:
-    vae = make_vae(TINY_TC4, randomize=True)
+@pytest.mark.parametrize("config", [TINY_TC4, TINY_SHORTCUT], ids=["plain", "shortcuts"])
+def test_full_model_causality(config: dict) -> None:
+    vae = make_vae(config, randomize=True)
     x = video((1, 3, 9, 16, 16))
     with torch.no_grad():
         x_hat, _ = vae(x, sample_posterior=False)
@@ -264,6 +270,45 @@ def test_residual_blocks_start_as_identity() -> None:
             assert module.conv2.weight.abs().sum() == 0
 
 
+def test_shortcuts_are_causal_pooling_and_repetition() -> None:
+    """With their convs zeroed, the resamplers are exactly the parameter-free shortcuts."""
+    down, up = Downsample3d(2, temporal=True, shortcut=True), Upsample3d(2, temporal=True, shortcut=True)
+    for module in (down.conv, up.conv):
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
+    x = video((1, 2, 5, 4, 4))
+    pooled = down(x)
+    assert pooled.shape == (1, 2, 3, 2, 2)
+    torch.testing.assert_close(pooled[:, :, 0], F.avg_pool2d(x[:, :, 0], 2))  # frame 0 on its own
+    torch.testing.assert_close(pooled[:, :, 2], F.avg_pool2d(x[:, :, 3:5].mean(2), 2))  # frames 3, 4
+    upsampled = up(pooled)
+    assert upsampled.shape == (1, 2, 5, 4, 4)
+    torch.testing.assert_close(upsampled[:, :, 3], upsampled[:, :, 4])  # later frames repeated twice
+    torch.testing.assert_close(upsampled[:, :, 0], pooled[:, :, 0].repeat_interleave(2, -1).repeat_interleave(2, -2))
+
+
+def test_shortcuts_add_group_means_to_the_latent() -> None:
+    vae = make_vae(TINY_SHORTCUT, randomize=True)
+    x = video((1, 3, 5, 16, 16))
+    with torch.no_grad():
+        plain = vae.encoder.shortcuts
+        vae.encoder.shortcuts = False
+        without = vae.encode(x)
+        vae.encoder.shortcuts = plain
+        with_shortcut = vae.encode(x)
+    torch.testing.assert_close(with_shortcut.logvar, without.logvar)
+    assert not torch.allclose(with_shortcut.mean, without.mean)
+
+
+def test_posterior_starts_nearly_deterministic() -> None:
+    vae = make_vae(TINY_TC4)
+    bias = vae.encoder.conv_out.bias
+    assert torch.all(bias[vae.latent_channels :] == LOGVAR_INIT) and torch.all(bias[: vae.latent_channels] == 0)
+    with torch.no_grad():
+        logvar = vae.encode(video((2, 3, 5, 16, 16))).logvar
+    assert abs(float(logvar.mean()) - LOGVAR_INIT) < 1.0
+
+
 # --- posterior ---------------------------------------------------------------------------------
 
 
@@ -295,6 +340,7 @@ def test_diagonal_gaussian() -> None:
         ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"latent_channels": 0}, "must be >= 1"),
+        ({"shortcuts": True, "latent_channels": 3}, r"latent_channels \(3\) must divide 32; pick one of \[1, 2, 4"),
     ],
 )
 def test_constructor_errors(overrides: dict, match: str) -> None:

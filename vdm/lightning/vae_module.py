@@ -165,6 +165,7 @@ class VAEModule(L.LightningModule):
             return
         x = batch["video"][torch.tensor(keep, device=batch["video"].device)]
         x_hat, posterior = self.model(x, sample_posterior=False)
+        x_hat = x_hat.to(x.dtype)  # metrics in the data's precision also under bf16 autocast
         terms = self.reconstruction_terms(x, x_hat)
         loss = terms["rec"] + self.hparams.kl_weight * posterior.kl(reduction="mean").mean()
         metrics = self.val_metrics

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -296,20 +296,48 @@ class Downsample3d(nn.Module):
     output frame 0 sees only input frame 0 (the first frame is encoded on its own, so an image is
     a 1-frame video) and output frame i >= 1 sees input frames 2i-2..2i, i.e. the remaining
     frames are strided by 2 without ever looking ahead.
+
+    With ``shortcut`` the conv learns a residual over parameter-free average pooling (the
+    AvgDown shortcut of DC-AE and Wan 2.2's VAE): 2x2 in space and, in time, frame 0 on its own
+    and then pairs (2i-1, 2i), the same causal frame grouping as the conv. Pooling hands every
+    level a faithful low-pass copy of its input from the first step, which speeds up training.
+    Under a ``CausalCache`` later chunks must hold an even number of frames (they do when chunk
+    sizes are multiples of the temporal compression).
     Shapes: (B, C, T, H, W) -> (B, C, 1 + (T - 1) // s_t, H / 2, W / 2).
     """
 
-    def __init__(self, channels: int, temporal: bool) -> None:
+    def __init__(self, channels: int, temporal: bool, shortcut: bool = False) -> None:
         super().__init__()
         self.gradient_checkpointing = False
         self.temporal = temporal
+        self.shortcut = shortcut
         self.conv = CausalConv3d(channels, channels, 3, stride=(2 if temporal else 1, 2, 2))
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, C, 1 + (T - 1) // s_t, H / 2, W / 2); T // s_t per later chunk."""
         if cache is not None:
+            return self._forward(x, cache)
+        return checkpointed(self._forward, x, self.gradient_checkpointing)
+
+    def _forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        if not self.shortcut:
             return self.conv(x, cache)
-        return checkpointed(self.conv, x, self.gradient_checkpointing)
+        first = cache is None or cache.first_call(self)
+        return self.conv(x, cache) + self._pool(x, first)
+
+    def _pool(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        """Causal 2x2(x2) average pooling; ``first``: x starts the video (frame 0 is pooled alone)."""
+        if self.temporal:
+            head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
+            if rest.shape[2] % 2:
+                raise ValueError(
+                    f"Downsample3d shortcut: a chunk after the first frame must have an even number of "
+                    f"frames at this level, got {rest.shape[2]}; use chunk sizes that are multiples of "
+                    f"the temporal compression"
+                )
+            rest = reduce(rest, "b c (t st) h w -> b c t h w", "mean", st=2)  # B C (T-1)/2 H W
+            x = torch.cat([head, rest], dim=2)  # B C T' H W
+        return reduce(x, "b c t (h sh) (w sw) -> b c t h w", "mean", sh=2, sw=2)  # B C T' H/2 W/2
 
 
 class Upsample3d(nn.Module):
@@ -317,13 +345,16 @@ class Upsample3d(nn.Module):
 
     In time the first frame is kept once and every later frame is repeated twice, mirroring
     ``Downsample3d``: output frames 2i-1 and 2i come from input frame i, so the block stays causal.
+    With ``shortcut`` the conv's output is added to the repeated input (the DupUp shortcut of
+    DC-AE and Wan 2.2's VAE), so the block starts as nearest-neighbour upsampling.
     Shapes: (B, C, T, H, W) -> (B, C, 1 + s_t * (T - 1), 2H, 2W).
     """
 
-    def __init__(self, channels: int, temporal: bool) -> None:
+    def __init__(self, channels: int, temporal: bool, shortcut: bool = False) -> None:
         super().__init__()
         self.gradient_checkpointing = False
         self.temporal = temporal
+        self.shortcut = shortcut
         self.conv = CausalConv3d(channels, channels, 3)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
@@ -343,4 +374,5 @@ class Upsample3d(nn.Module):
             else:
                 x = repeat(x, "b c t h w -> b c (t st) h w", st=2)  # B C 2T H W
         x = repeat(x, "b c t h w -> b c t (h sh) (w sw)", sh=2, sw=2)  # B C T' 2H 2W
-        return self.conv(x, cache)
+        out = self.conv(x, cache)
+        return out + x if self.shortcut else out

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import nn
 
 from vdm.models.layers import CausalCache, CausalConv3d, ChannelRMSNorm, Downsample3d, NormKind, ResBlock3d, Upsample3d, make_norm
@@ -29,6 +29,9 @@ from vdm.models.vae_chunked import run_stream, validate_chunk_frames, validate_t
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
+# initial posterior log-variance (sigma ~ 0.05): the decoder first learns from nearly deterministic
+# latents instead of unit noise that drowns them; the KL term raises it as far as its weight asks
+LOGVAR_INIT = -6.0
 
 
 class DiagonalGaussian:
@@ -98,9 +101,12 @@ class Encoder3d(nn.Module):
         dropout: float,
         norm_groups: int,
         norm: NormKind,
+        shortcuts: bool,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.latent_channels = latent_channels
+        self.shortcuts = shortcuts
         self.conv_in = CausalConv3d(in_channels * patch_size**2, base_channels, 3)
         blocks: list[nn.Module] = []
         channels = base_channels
@@ -109,7 +115,7 @@ class Encoder3d(nn.Module):
                 blocks.append(ResBlock3d(channels, base_channels * mult, dropout, norm_groups, norm))
                 channels = base_channels * mult
             if level < len(channel_mults) - 1:
-                blocks.append(Downsample3d(channels, temporal=temporal_downsample[level]))
+                blocks.append(Downsample3d(channels, temporal_downsample[level], shortcuts))
         blocks += [ResBlock3d(channels, channels, dropout, norm_groups, norm) for _ in range(2)]  # mid
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = make_norm(norm, channels, norm_groups)
@@ -122,7 +128,13 @@ class Encoder3d(nn.Module):
         h = self.conv_in(x, cache)  # B base T H/p W/p
         for block in self.blocks:
             h = block(h, cache)  # B ch T' H' W'
-        return self.conv_out(F.silu(self.norm_out(h)), cache)  # B 2L Tz h w
+        moments = self.conv_out(F.silu(self.norm_out(h)), cache)  # B 2L Tz h w
+        if not self.shortcuts:
+            return moments
+        # the mean also gets the channel-group average of the features (DC-AE's space-to-channel shortcut)
+        mean, logvar = moments.chunk(2, dim=1)  # B L Tz h w each
+        mean = mean + reduce(h, "b (l g) t y x -> b l t y x", "mean", l=self.latent_channels)
+        return torch.cat([mean, logvar], dim=1)
 
 
 class Decoder3d(nn.Module):
@@ -144,9 +156,11 @@ class Decoder3d(nn.Module):
         dropout: float,
         norm_groups: int,
         norm: NormKind,
+        shortcuts: bool,
     ) -> None:
         super().__init__()
         channels = base_channels * channel_mults[-1]
+        self.shortcuts = shortcuts
         self.conv_in = CausalConv3d(latent_channels, channels, 3)
         blocks: list[nn.Module] = [ResBlock3d(channels, channels, dropout, norm_groups, norm) for _ in range(2)]
         for level in reversed(range(len(channel_mults))):
@@ -156,7 +170,7 @@ class Decoder3d(nn.Module):
                 blocks.append(ResBlock3d(channels, out_channels_level, dropout, norm_groups, norm))
                 channels = out_channels_level
             if level > 0:
-                blocks.append(Upsample3d(channels, temporal=temporal_downsample[level - 1]))
+                blocks.append(Upsample3d(channels, temporal_downsample[level - 1], shortcuts))
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = make_norm(norm, channels, norm_groups)
         self.patch_size = patch_size
@@ -168,6 +182,8 @@ class Decoder3d(nn.Module):
         With ``cache``, z is the next chunk of a latent video.
         """
         h = self.conv_in(z, cache)  # B ch Tz h w
+        if self.shortcuts:  # every latent channel repeated over its group of feature channels
+            h = h + repeat(z, "b l t y x -> b (l g) t y x", g=h.shape[1] // z.shape[1])
         for block in self.blocks:
             h = block(h, cache)  # B ch T' H' W'
         out = self.conv_out(F.silu(self.norm_out(h)), cache)  # B C*p*p T H/p W/p
@@ -186,6 +202,7 @@ def _validate_config(
     dropout: float,
     norm_groups: int,
     norm: str,
+    shortcuts: bool,
 ) -> None:
     """Raise ValueError with a fix-it message for any inconsistent VideoVAE argument."""
     if patch_size < 1:
@@ -208,6 +225,14 @@ def _validate_config(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if norm not in ("rms", "group"):
         raise ValueError(f"norm must be 'rms' (channel RMSNorm) or 'group' (per-frame GroupNorm), got {norm!r}")
+    deepest = base_channels * channel_mults[-1]
+    if shortcuts and deepest % latent_channels != 0:
+        divisors = [d for d in range(1, deepest + 1) if deepest % d == 0]
+        raise ValueError(
+            f"shortcuts=true averages the deepest features ({deepest} = base_channels * channel_mults[-1]) "
+            f"in latent_channels groups: latent_channels ({latent_channels}) must divide {deepest}; "
+            f"pick one of {divisors} or set shortcuts=false"
+        )
     if norm == "group" and (norm_groups < 1 or base_channels % norm_groups != 0):
         raise ValueError(
             f"base_channels ({base_channels}) must be divisible by norm_groups ({norm_groups}); "
@@ -240,6 +265,12 @@ class VideoVAE(nn.Module):
             absolute levels of flat regions and makes spatial tiles exact up to the receptive
             field; ``"group"``: GroupNorm with per-frame statistics.
         norm_groups: GroupNorm groups when ``norm="group"``; must divide base_channels.
+        shortcuts: parameter-free shortcuts beside every learned resampling (DC-AE, Wan 2.2's VAE):
+            causal average pooling around each downsampling conv, nearest/frame repetition around
+            each upsampling conv, the channel-group mean of the deepest features added to the
+            posterior mean, and the latent repeated over the decoder's first features. The network
+            then learns residuals over a low-pass autoencoder, which trains much faster; needs
+            latent_channels to divide base_channels * channel_mults[-1].
         gradient_checkpointing: recompute every block's activations in backward (not applied
             inside chunked passes, whose cache updates cannot be replayed).
         encode_chunk_frames: default ``chunk_frames`` of ``encode``; None encodes the whole clip
@@ -262,6 +293,7 @@ class VideoVAE(nn.Module):
         dropout: float = 0.0,
         norm_groups: int = 16,
         norm: NormKind = "rms",
+        shortcuts: bool = False,
         gradient_checkpointing: bool = False,
         encode_chunk_frames: int | None = None,
         decode_chunk_frames: int | None = None,
@@ -273,7 +305,7 @@ class VideoVAE(nn.Module):
         temporal = tuple(bool(flag) for flag in temporal_downsample)
         config = (
             patch_size, in_channels, latent_channels, base_channels, mults, num_res_blocks, temporal, dropout,
-            norm_groups, norm,
+            norm_groups, norm, shortcuts,
         )
         _validate_config(*config)
         self.in_channels = in_channels
@@ -296,6 +328,8 @@ class VideoVAE(nn.Module):
     def initialize_weights(self) -> None:
         """Xavier-uniform convs with zero bias; zero the second conv of every residual block.
 
+        The encoder's log-variance outputs start at ``LOGVAR_INIT`` (bias), not 0.
+
         Zeroing ``conv2`` makes each residual block the identity at init (Goyal et al. 2017,
         "Fixup"-style), so the deep stack starts as the short path conv_in -> resamplers ->
         conv_out and gradients reach every level with unit-scale activations.
@@ -312,6 +346,8 @@ class VideoVAE(nn.Module):
             if isinstance(module, ResBlock3d):
                 nn.init.zeros_(module.conv2.weight)
                 nn.init.zeros_(module.conv2.bias)
+        with torch.no_grad():
+            self.encoder.conv_out.bias[self.latent_channels :].fill_(LOGVAR_INIT)
 
     @property
     def spatial_compression(self) -> int:
