@@ -15,12 +15,16 @@ log = logging.getLogger("vdm.train")
 
 
 def prepare_corpus(cfg: DictConfig) -> None:
-    """Generate the built-in synthetic corpus on first use (no-op when it exists or a real corpus is set)."""
-    if cfg.get("synthetic") is None:
-        return
-    from data_prep.synthetic import ensure_synthetic_corpus
+    """Generate the built-in synthetic corpus (and its stand-in text encoder) on first use; no-op when
+    they exist or a real corpus / text encoder is configured."""
+    if cfg.get("synthetic") is not None:
+        from data_prep.synthetic import ensure_synthetic_corpus
 
-    ensure_synthetic_corpus(**cfg.synthetic)
+        ensure_synthetic_corpus(**cfg.synthetic)
+    if cfg.get("synthetic_text_encoder") is not None:
+        from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
+
+        ensure_random_text_encoder(**cfg.synthetic_text_encoder, vocab=synthetic_vocabulary())
 
 
 def instantiate_trainer(cfg: DictConfig) -> Any:
@@ -30,11 +34,20 @@ def instantiate_trainer(cfg: DictConfig) -> Any:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
+def instantiate_models(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.model`` as module arguments: ``{"model": obj}`` for one ``_target_`` (stage 1), else one
+    object per ``_target_`` child (stage 2: ``dit``, ``text_encoder``); plain values stay in the YAML."""
+    if "_target_" in cfg.model:
+        return {"model": hydra.utils.instantiate(cfg.model)}
+    children = {k: v for k, v in cfg.model.items() if isinstance(v, DictConfig) and "_target_" in v}
+    return {k: hydra.utils.instantiate(v) for k, v in children.items()}
+
+
 def instantiate_module(cfg: DictConfig) -> Any:
-    """The stage's LightningModule around a freshly built model, carrying the resolved run config."""
-    model = hydra.utils.instantiate(cfg.model)
+    """The stage's LightningModule around freshly built models, carrying the resolved run config."""
+    models = instantiate_models(cfg)
     optimizer = hydra.utils.instantiate(cfg.optimizer)
-    module = hydra.utils.instantiate(cfg.module, model=model, optimizer=optimizer)
+    module = hydra.utils.instantiate(cfg.module, **models, optimizer=optimizer)
     module.run_config = resolved_config(cfg)  # plain dict, stored in every checkpoint
     return module
 

@@ -62,6 +62,8 @@ class EncodedSample:
     info: MediaInfo
     reencoded: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # further tar members by extension (e.g. "text.npy"), written as given
+    extra_members: Mapping[str, bytes] = field(default_factory=dict)
 
     def meta(self) -> dict[str, Any]:
         """The ``<key>.json`` member (contract fields)."""
@@ -75,7 +77,8 @@ class EncodedSample:
     def members(self) -> dict[str, bytes]:
         """Tar members by extension, already encoded (UTF-8 caption, sorted-key JSON)."""
         meta = json.dumps(self.meta(), sort_keys=True, ensure_ascii=False).encode("utf-8")
-        return {self.media_ext: self.media, "txt": self.caption.encode("utf-8"), "json": meta}
+        text = self.caption.encode("utf-8")
+        return {self.media_ext: self.media, **self.extra_members, "txt": text, "json": meta}
 
 
 def _member_bytes(size: int) -> int:

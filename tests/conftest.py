@@ -92,3 +92,36 @@ def tiny_train_cfg(tmp_path: Path, synthetic_root: Path):
         return compose_config(config_name, overrides, tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def vae_export_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
+    """A stage-1 export of the tiny VAE preset (random weights, statistics over a few synthetic clips)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from vdm.data.datamodule import VideoDataModule
+    from vdm.models.vae import VideoVAE
+    from vdm.utils.vae_export import compute_latent_stats, export_vae
+
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "vae_tiny.yaml"))
+    torch.manual_seed(0)
+    vae = VideoVAE(**{k: v for k, v in config.items() if k != "_target_"}).eval()
+    dm = VideoDataModule(root=str(synthetic_root), num_frames=5, height=32, width=32, batch_size=4,
+                         num_workers=0, seed=0)
+    dm.setup("fit")
+    videos = (batch["video"] for batch in dm.train_dataloader())
+    stats = compute_latent_stats(lambda x: vae.encode(x).mode(), videos, num_clips=8)
+    out = tmp_path_factory.mktemp("vae") / "vae_export"
+    export_vae(vae, config, stats, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untrained stand-in T5 of the synthetic corpus (as stage=diffusion builds it), width 64."""
+    from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
+
+    out = tmp_path_factory.mktemp("text") / "t5"
+    ensure_random_text_encoder(out, kind="t5", vocab=synthetic_vocabulary(), hidden_size=64, max_length=16)
+    return out

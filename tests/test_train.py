@@ -83,3 +83,35 @@ def test_skip_rate_above_the_limit_stops_training(tiny_train_cfg, tmp_path):
                          "data.max_skip_rate=0.2", "data.skip_check_after=4", "validate=false")
     with pytest.raises(Exception, match=r"skipped \d+ of \d+ samples .* exceeds max_skip_rate=20.0%"):
         train(cfg)
+
+
+def diffusion_overrides(export: Path) -> list[str]:
+    return [
+        "stage=diffusion",
+        f"model.vae_export={export}",
+        "callbacks.diffusion_samples.every_n_steps=4",
+        "callbacks.diffusion_samples.num_steps=2",
+        "callbacks.diffusion_samples.num_prompts=2",
+    ]
+
+
+def test_diffusion_stage_trains_samples_and_resumes_with_its_ema(tiny_train_cfg, vae_export_dir):
+    first = tiny_train_cfg(*diffusion_overrides(vae_export_dir), "trainer.max_steps=4")
+    metrics = train(first)
+    out = Path(first.paths.output_dir)
+    for key in ("train/loss", "train/grad_norm", "val/loss", "val/loss_ema"):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key]))
+    assert len(list((out / "samples").glob("step0000004_*.mp4"))) == 2
+    assert (out / "samples" / "step0000004.txt").read_text().count("\n") == 2
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    assert ckpt["vae_hash"] == (vae_export_dir / "export.json").read_text().split('"vae_hash": "')[1][:64]
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in state)
+    assert int(state["ema.averaged.n_averaged"]) == 4
+
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    resumed = tiny_train_cfg(*diffusion_overrides(vae_export_dir), f"ckpt_path={ckpt_path}", "validate=false")
+    train(resumed)
+    last = torch.load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8
+    assert int(last["state_dict"]["ema.averaged.n_averaged"]) == 8

@@ -237,14 +237,7 @@ class VideoDataset(IterableDataset):
     ) -> Iterator[Clip]:
         for sample in raw:
             try:
-                clip = decode_clip(
-                    sample,
-                    self.clip,
-                    self.buckets,
-                    rng=rng,
-                    backend=self.backend,
-                    decode_threads=self.decode_threads,
-                )
+                clip = self._decode(sample, rng)
             except SKIPPABLE as exc:
                 self.skip_counters.add(slot, skipped=1)
                 stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
@@ -253,19 +246,29 @@ class VideoDataset(IterableDataset):
             stats.record_ok()
             yield clip
 
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> Any:
+        """One raw sample -> a decoded item with ``bucket``, ``key``, ``padded_copy()``; raises SKIPPABLE."""
+        return decode_clip(
+            sample, self.clip, self.buckets, rng=rng, backend=self.backend, decode_threads=self.decode_threads
+        )
+
+    def _collate(self, items: Sequence[Any]) -> dict[str, Any]:
+        """Decoded items of one bucket -> a batch."""
+        return collate_clips(items, self.video_dtype)
+
     def _batches(self, clips: Iterable[Clip], *, flush: bool, pad: bool = False) -> Iterator[dict[str, Any]]:
         batcher: BucketBatcher[Clip] = BucketBatcher(self.batch_size)
         for clip in clips:
             full = batcher.add(clip.bucket, clip)
             if full is not None:
-                yield collate_clips(full, self.video_dtype)
+                yield self._collate(full)
         if flush:
             for _, items in batcher.flush():
                 if pad:
                     items = items + [
                         items[i % len(items)].padded_copy() for i in range(self.batch_size - len(items))
                     ]
-                yield collate_clips(items, self.video_dtype)
+                yield self._collate(items)
 
     def _exact_target(self, world: int, worker: int, num_workers: int) -> int | None:
         """Batches this slot must yield in exact mode; None when no padding is needed (one rank)."""
@@ -315,8 +318,8 @@ class VideoDataset(IterableDataset):
             return {**last, "meta": meta, "caption": list(last["caption"]), "key": list(last["key"])}
         for raw in self._read(self.urls, SkipStats(max_skip_rate=1.0)):
             try:
-                clip = decode_clip(raw, self.clip, self.buckets, rng=rng, backend=self.backend)
+                clip = self._decode(raw, rng)
             except SKIPPABLE:
                 continue
-            return collate_clips([clip.padded_copy() for _ in range(self.batch_size)], self.video_dtype)
+            return self._collate([clip.padded_copy() for _ in range(self.batch_size)])
         raise RuntimeError(f"no decodable sample in shards {self.urls[:3]}... to pad exact-mode batches with")

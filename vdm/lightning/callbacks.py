@@ -1,4 +1,4 @@
-"""Callbacks: data skip counts, reconstruction videos, and the stage-1 VAE export."""
+"""Callbacks: data skip counts, reconstruction videos, the stage-1 VAE export, and stage-2 samples."""
 
 from __future__ import annotations
 
@@ -130,3 +130,86 @@ class VAEExportCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({"vae_hash": vae_hash})
         return vae_hash
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None, num_prompts: int) -> list[str]:
+    """The first ``num_prompts`` of ``prompts``, else of ``prompts_file`` (one prompt per line)."""
+    if prompts:
+        return list(prompts)[:num_prompts]
+    if prompts_file is None:
+        raise ValueError("DiffusionSamples: give `prompts` or `prompts_file`")
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"DiffusionSamples: prompts file {path} not found")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"DiffusionSamples: prompts file {path} holds no prompts")
+    return lines[:num_prompts]
+
+
+class DiffusionSamples(L.Callback):
+    """Every ``every_n_steps`` training steps (and at the end of fit), samples videos for held-out prompts
+    with the EMA weights and classifier-free guidance, writes ``dirpath/step<N>_<i>.mp4`` (with the
+    prompts in ``step<N>.txt``) and logs them to wandb as ``samples/videos``. Seeded: the same noise
+    at every step, so the videos show training progress only. Runs on global rank zero.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 500,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        num_prompts: int = 4,
+        num_frames: int = 17,
+        height: int = 256,
+        width: int = 256,
+        num_steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        fps: float = 8.0,
+    ) -> None:
+        if every_n_steps < 1 or num_prompts < 1 or num_steps < 1:
+            raise ValueError(
+                f"every_n_steps, num_prompts and num_steps must be >= 1, got {every_n_steps}, {num_prompts}, "
+                f"{num_steps}"
+            )
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+        self.prompts = read_prompts(prompts, prompts_file, num_prompts)
+        self.shape = (num_frames, height, width)
+        self.num_steps, self.guidance_scale, self.seed, self.fps = num_steps, guidance_scale, seed, fps
+        self.written: list[Path] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = any(p.name.startswith(f"step{trainer.global_step:07d}_") for p in self.written)
+        if not trainer.fast_dev_run and not done:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        if not trainer.is_global_zero:
+            return []
+        step = trainer.global_step
+        frames, height, width = self.shape
+        videos = pl_module.sample(self.prompts, frames, height, width, num_steps=self.num_steps,
+                                  guidance_scale=self.guidance_scale, seed=self.seed)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        prompts_file = self.dirpath / f"step{step:07d}.txt"
+        prompts_file.write_text("".join(p + "\n" for p in self.prompts), encoding="utf-8")
+        paths = []
+        for i, video in enumerate(videos):
+            path = self.dirpath / f"step{step:07d}_{i}.mp4"
+            options = EncodeOptions(keyframe_interval=8, crf=18)
+            path.write_bytes(encode_frames(_to_uint8_frames(video), self.fps, options))
+            paths.append(path)
+        self.written += paths
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                videos = [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, self.prompts)]
+                logger.experiment.log({"samples/videos": videos, "trainer/global_step": step})
+        return paths

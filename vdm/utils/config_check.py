@@ -11,9 +11,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -122,7 +124,7 @@ def _check_target_node(key: str, node: Mapping) -> None:
 
 
 # arguments that train.py passes at instantiation time rather than from YAML
-_INJECTED = {"module": {"model", "optimizer"}}
+_INJECTED = {"module": {"model", "optimizer", "dit", "text_encoder"}}
 
 
 def _injected(key: str, name: str) -> bool:
@@ -192,15 +194,17 @@ def check_project_rules(cfg: Mapping) -> None:
     _require(cfg, "trainer.max_steps", lambda v: v == -1 or (isinstance(v, int) and v > 0), "-1 or > 0")
     if _get(cfg, "module._target_") == "vdm.lightning.vae_module.VAEModule":
         _check_vae_shapes(cfg)
+    if _get(cfg, "module._target_") == "vdm.lightning.diffusion_module.DiffusionModule":
+        _check_diffusion(cfg)
 
 
-def _check_vae_shapes(cfg: Mapping) -> None:
+def _check_vae_shapes(cfg: Mapping, vae_key: str = "model") -> None:
     """Clip shape must fit the VAE's compression: T = 1 + tc * k, H and W multiples of sc."""
-    mults = _get(cfg, "model.channel_mults")
-    tdown = _get(cfg, "model.temporal_downsample")
+    mults = _get(cfg, f"{vae_key}.channel_mults")
+    tdown = _get(cfg, f"{vae_key}.temporal_downsample")
     if mults is None or tdown is None:
         return
-    patch = _get(cfg, "model.patch_size")
+    patch = _get(cfg, f"{vae_key}.patch_size")
     sc = (patch if isinstance(patch, int) else 1) * 2 ** (len(mults) - 1)
     tc = 2 ** sum(bool(x) for x in tdown)
     frames, h, w = (_get(cfg, f"data.{k}") for k in ("num_frames", "height", "width"))
@@ -213,3 +217,44 @@ def _check_vae_shapes(cfg: Mapping) -> None:
     for key, size in (("data.height", h), ("data.width", w)):
         if isinstance(size, int) and size % sc:
             raise ConfigError(f"{key}: {size} is not a multiple of the VAE's {sc}x spatial compression")
+
+
+def _check_diffusion(cfg: Mapping) -> None:
+    """Stage 2: the VAE export exists and fits the DiT (channels), the clip shape and the text encoder."""
+    export = _get(cfg, "model.vae_export")
+    config_file = Path(str(export)) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"model.vae_export: {export} is not a VAE export (no config.json); "
+            "train stage 1 first (python train.py stage=vae writes <output_dir>/vae_export)"
+        )
+    vae = json.loads(config_file.read_text())
+    _check_vae_shapes({**cfg, "vae": vae}, "vae")
+    channels = int(vae.get("latent_channels", 0))
+    in_channels, cond = _get(cfg, "model.dit.in_channels"), _get(cfg, "model.dit.cond_channels") or 0
+    if in_channels is not None and in_channels != channels:
+        raise ConfigError(f"model.dit.in_channels: {in_channels}, but the VAE export has {channels} channels")
+    if cond not in (0, channels + 1):
+        raise ConfigError(f"model.dit.cond_channels: {cond}, expected 0 or {channels + 1} (latent + mask)")
+    if (_get(cfg, "module.i2v_probability") or 0) > 0 and cond == 0:
+        raise ConfigError(f"module.i2v_probability: > 0 needs model.dit.cond_channels={channels + 1}")
+    text_dim = _text_encoder_width(cfg)
+    context_dim = _get(cfg, "model.dit.context_dim")
+    if text_dim is not None and context_dim is not None and context_dim != text_dim:
+        raise ConfigError(f"model.dit.context_dim: {context_dim}, but the text encoder's width is {text_dim}")
+
+
+def _text_encoder_width(cfg: Mapping) -> int | None:
+    """Hidden size of the configured text encoder (its config.json, or the stand-in still to be built)."""
+    path = _get(cfg, "model.text_encoder.path")
+    config_file = Path(str(path)) / "config.json"
+    if path is not None and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config = config.get("text_config", config)
+        return config.get("d_model", config.get("hidden_size"))
+    if _get(cfg, "synthetic_text_encoder") is not None:
+        return _get(cfg, "synthetic_text_encoder.hidden_size")
+    raise ConfigError(
+        f"model.text_encoder.path: {path} holds no text encoder (config.json); put a local T5/CLIP "
+        "directory there (nothing is downloaded)"
+    )

@@ -1,0 +1,178 @@
+"""Stage 2 module: latents (on the fly == precomputed), text, EMA, image-to-video, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.precompute_latents import precompute
+from vdm.data.datamodule import VideoDataModule
+from vdm.data.latents import LatentCorpusError, LatentDataModule
+from vdm.diffusion.objectives import DDPM, RectifiedFlow
+from vdm.lightning.diffusion_module import DiffusionModule, image_condition
+from vdm.models.dit import VideoDiT
+from vdm.models.text_encoder import TextEncoder
+from vdm.utils.vae_export import export_vae, load_vae_export
+
+
+def make_module(
+    export: Path, text_dir: Path, objective=None, cond_channels: int = 0, **kwargs
+) -> DiffusionModule:
+    torch.manual_seed(0)
+    dit = VideoDiT(
+        in_channels=16,
+        cond_channels=cond_channels,
+        patch_size=(1, 2, 2),
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        context_dim=64,
+    )
+    text = TextEncoder(str(text_dir), "t5", max_length=16)
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731
+    return DiffusionModule(
+        dit, str(export), text, optimizer, objective or RectifiedFlow(), ema_decay=0.9, **kwargs
+    )
+
+
+def val_batches(module_root: Path, **kwargs) -> list[dict]:
+    dm = VideoDataModule(
+        root=str(module_root),
+        num_frames=5,
+        height=32,
+        width=32,
+        batch_size=4,
+        val_batch_size=4,
+        num_workers=0,
+        seed=0,
+        **kwargs,
+    )
+    dm.setup("validate")
+    return list(dm.val_dataloader())
+
+
+@pytest.mark.parametrize("objective", [RectifiedFlow(), DDPM(num_train_steps=100)], ids=["flow", "ddpm"])
+def test_precomputed_latents_give_the_same_loss_as_on_the_fly(
+    objective, synthetic_root, vae_export_dir, text_encoder_dir, tmp_path
+):
+    module = make_module(vae_export_dir, text_encoder_dir, objective).eval()
+    out = tmp_path / "latents"
+    manifest = precompute(
+        str(synthetic_root),
+        str(vae_export_dir),
+        str(out),
+        num_frames=5,
+        height=32,
+        width=32,
+        batch_size=4,
+        text_encoder=module.text_encoder,
+    )
+    assert manifest["latents"]["vae_hash"] == module.vae_hash
+    assert manifest["latents"]["latent_shape"] == [16, 2, 4, 4]
+    latent_dm = LatentDataModule(
+        root=str(out), vae_export=str(vae_export_dir), val_batch_size=4, num_workers=0
+    )
+    latent_dm.setup("validate")
+    precomputed = {k: (b, i) for b in latent_dm.val_dataloader() for i, k in enumerate(b["key"])}
+    videos = val_batches(synthetic_root)
+    assert sum(len(b["key"]) for b in videos) == len(precomputed) > 0
+    for batch in videos:
+        rows = [precomputed[k] for k in batch["key"]]
+        latent_batch = {
+            "latent": torch.stack([b["latent"][i] for b, i in rows]),
+            "text": torch.stack([b["text"][i] for b, i in rows]),
+            "text_mask": torch.stack([b["text_mask"][i] for b, i in rows]),
+        }
+        z_video, z_latent = module.normalized_latents(batch), module.normalized_latents(latent_batch)
+        torch.testing.assert_close(z_latent, z_video, atol=1e-5, rtol=1e-5)
+        rnd = module.draw(z_video, torch.Generator().manual_seed(3))
+        rnd["drop"][0] = True  # one empty caption: the null embedding on both paths
+        losses = []
+        for source, z in ((batch, z_video), (latent_batch, z_latent)):
+            context, mask = module.text_context(source, rnd["drop"])
+            with torch.no_grad():
+                losses.append(module.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"]))
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_corpus_of_another_vae_is_refused_naming_both_hashes(synthetic_root, vae_export_dir, tmp_path):
+    out = tmp_path / "latents"
+    precompute(str(synthetic_root), str(vae_export_dir), str(out), num_frames=5, height=32, width=32)
+    export = load_vae_export(vae_export_dir)
+    with torch.no_grad():
+        next(export.model.parameters()).add_(0.01)
+    other = tmp_path / "other_export"
+    other_hash = export_vae(export.model, export.config, export.stats, other)
+    dm = LatentDataModule(root=str(out), vae_export=str(other), num_workers=0)
+    with pytest.raises(LatentCorpusError) as err:
+        dm.setup("fit")
+    assert export.vae_hash[:12] in str(err.value) and other_hash[:12] in str(err.value)
+
+
+def test_training_reduces_the_loss_and_ema_follows(vae_export_dir, text_encoder_dir):
+    module = make_module(vae_export_dir, text_encoder_dir)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "latent": torch.randn(4, 16, 2, 4, 4, generator=generator) * 0.5,
+        "caption": ["a red circle moving left quickly on a black background"] * 4,
+    }
+    z = module.normalized_latents(batch)
+    fixed = module.draw(z, torch.Generator().manual_seed(1))
+    context, mask = module.text_context(batch, torch.zeros(4, dtype=torch.bool))
+
+    def loss(model=None) -> float:
+        with torch.no_grad():
+            return float(module.diffusion_loss(z, context, mask, fixed["noise"], fixed["t"], model=model))
+
+    before = loss()
+    optimizer = torch.optim.AdamW(module.dit.parameters(), lr=3e-3)
+    for step in range(1, 81):
+        rnd = module.draw(z, generator)
+        value = module.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        module.ema.update(module.dit, step)
+    assert loss() < 0.7 * before
+    assert loss(module.ema.module) < 0.9 * before
+    assert module.ema.num_updates == 80
+
+
+def test_image_condition_channels():
+    z = torch.randn(3, 4, 3, 2, 2)
+    cond = image_condition(z, torch.tensor([True, False, True]))
+    assert cond.shape == (3, 5, 3, 2, 2)
+    torch.testing.assert_close(cond[0, :4, 0], z[0, :, 0])
+    assert cond[1].abs().sum() == 0 and cond[:, :, 1:].abs().sum() == 0
+    assert cond[0, 4, 0].eq(1).all() and cond[2, 4, 0].eq(1).all()
+
+
+def test_image_to_video_sampling_is_seeded_and_uses_the_image(vae_export_dir, text_encoder_dir):
+    module = make_module(vae_export_dir, text_encoder_dir, cond_channels=17, i2v_probability=0.5).eval()
+    with torch.no_grad():  # a non-zero output layer, so the conditioning can show
+        for p in module.ema.module.final_layer.parameters():
+            p.normal_(0, 0.1)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    args = (["a blue star growing on a white background"], 5, 32, 32)
+    first = module.sample(*args, num_steps=2, guidance_scale=2.0, seed=5, image=image)
+    again = module.sample(*args, num_steps=2, guidance_scale=2.0, seed=5, image=image)
+    other = module.sample(*args, num_steps=2, guidance_scale=2.0, seed=5, image=-image)
+    assert first.shape == (1, 3, 5, 32, 32) and first.abs().max() <= 1
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_mismatched_dit_or_checkpoint_fails_with_the_fix(vae_export_dir, text_encoder_dir):
+    text = TextEncoder(str(text_encoder_dir), "t5", max_length=16)
+    optimizer = lambda params: torch.optim.AdamW(params)  # noqa: E731
+    dit = VideoDiT(in_channels=8, hidden_size=32, depth=1, num_heads=2, context_dim=64)
+    with pytest.raises(ValueError, match="model.dit.in_channels=16"):
+        DiffusionModule(dit, str(vae_export_dir), text, optimizer, RectifiedFlow())
+    dit = VideoDiT(in_channels=16, hidden_size=32, depth=1, num_heads=2, context_dim=32)
+    with pytest.raises(ValueError, match="model.dit.context_dim=64"):
+        DiffusionModule(dit, str(vae_export_dir), text, optimizer, RectifiedFlow())
+    module = make_module(vae_export_dir, text_encoder_dir)
+    with pytest.raises(ValueError, match="trained on VAE"):
+        module.on_load_checkpoint({"vae_hash": "0" * 64, "state_dict": {}})

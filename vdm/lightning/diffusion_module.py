@@ -1,0 +1,331 @@
+"""LightningModule for stage 2: a latent video DiT trained in a frozen stage-1 VAE's latent space."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from vdm.diffusion.guidance import guided_denoiser
+from vdm.diffusion.objectives import DiffusionObjective
+from vdm.lightning.ema import EMA
+from vdm.lightning.schedules import warmup_cosine
+from vdm.models.text_encoder import TextEncoder
+from vdm.utils.vae_export import load_vae_export
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def image_condition(z: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """First-frame conditioning channels for image-to-video: (B, C + 1, T, H, W).
+
+    Channels ``:C`` hold the first latent frame of the samples with ``use`` (B,) True (zeros elsewhere
+    and at later frames); the last channel is the mask, 1 at frame 0 of those samples.
+    """
+    b, _, t, h, w = z.shape
+    cond = torch.zeros(b, z.shape[1] + 1, t, h, w, dtype=z.dtype, device=z.device)
+    keep = use.to(z.dtype).view(b, 1, 1, 1)
+    cond[:, :-1, 0] = z[:, :, 0] * keep
+    cond[:, -1, 0] = keep[:, 0]
+    return cond
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``dit`` (a ``VideoDiT``) with ``objective`` on normalised latents of the VAE export.
+
+    Latents: clips are encoded on the fly with the frozen VAE (posterior mean), or come precomputed
+    (``batch["latent"]``, raw posterior means from ``data_prep/precompute_latents.py``); both are then
+    normalised per channel with the export's statistics, ``(z - mean) / std``. Text: captions go
+    through the frozen ``text_encoder`` (or precomputed ``batch["text"]``, ``batch["text_mask"]``);
+    each sample's caption is replaced by the empty caption with probability ``caption_dropout`` (the
+    unconditional branch of classifier-free guidance). Image-to-video: with ``dit.cond_channels ==
+    C + 1`` the DiT also sees ``image_condition`` (first-frame latent + mask) for a fraction
+    ``i2v_probability`` of the samples (zeros otherwise, i.e. text-to-video). An EMA of the DiT
+    weights is kept, checkpointed, and used for sampling.
+    """
+
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        vae_export: str,
+        text_encoder: TextEncoder,
+        optimizer: OptimizerFactory,
+        objective: DiffusionObjective,
+        caption_dropout: float = 0.1,
+        i2v_probability: float = 0.0,
+        ema_decay: float = 0.9999,
+        ema_warmup: int = 10,
+        ema_every: int = 1,
+        grad_clip: float | None = 1.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        expected_vae_hash: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= caption_dropout <= 1.0 or not 0.0 <= i2v_probability <= 1.0:
+            raise ValueError(
+                f"module.caption_dropout and module.i2v_probability must be in [0, 1], "
+                f"got {caption_dropout}, {i2v_probability}"
+            )
+        self.save_hyperparameters(ignore=["dit", "text_encoder", "optimizer", "objective"])
+        export = load_vae_export(vae_export, expected_vae_hash)
+        self.vae_hash = export.vae_hash
+        self.vae_config = export.config
+        channels = export.model.latent_channels
+        _check_compatible(dit, channels, text_encoder.hidden_size, i2v_probability)
+        self.dit = dit
+        self.vae = export.model  # frozen; weights come from the export, not from checkpoints
+        self.text_encoder = text_encoder
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.ema = EMA(dit, ema_decay, ema_warmup, ema_every)
+        stats = export.stats
+        self.register_buffer("latent_mean", torch.tensor(stats.mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(stats.std).view(1, -1, 1, 1, 1), persistent=False)
+        self.run_config: dict[str, Any] = {}
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "loss_ema")})
+
+    @property
+    def image_to_video(self) -> bool:
+        return getattr(self.dit, "cond_channels", 0) > 0
+
+    # latents and text
+
+    @torch.no_grad()
+    def normalized_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, C, T, H, W) latents with zero mean, unit std per channel (over the export's statistics)."""
+        if "latent" in batch:
+            z = batch["latent"]
+        else:
+            z = self.vae.encode(batch["video"]).mode()
+        return (z.float() - self.latent_mean) / self.latent_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std + self.latent_mean
+
+    @torch.no_grad()
+    def text_context(self, batch: dict[str, Any], drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, D), mask (B, L)); samples with ``drop`` (B,) True get the empty caption."""
+        if "text" in batch:
+            context, mask = batch["text"].float(), batch["text_mask"].bool()
+            if drop.any():
+                null, null_mask = self.text_encoder.null_embedding()
+                context = torch.where(drop.view(-1, 1, 1), null.to(context), context)
+                mask = torch.where(drop.view(-1, 1), null_mask.to(mask), mask)
+            return context, mask
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        return self.text_encoder.encode(captions)
+
+    # objective
+
+    def diffusion_loss(
+        self,
+        z: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        use_image: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Mean objective loss of ``model`` (default: the DiT) at noise ``noise`` and times ``t`` (B,)."""
+        model = self.dit if model is None else model
+        x_t = self.objective.add_noise(z, noise, t)
+        if self.image_to_video:
+            use = (
+                torch.zeros(z.shape[0], dtype=torch.bool, device=z.device) if use_image is None else use_image
+            )
+            x_t = torch.cat([x_t, image_condition(z, use).to(x_t)], dim=1)
+        prediction = model(x_t, t, context, mask)
+        return self.objective.loss(prediction.float(), z, noise, t).mean()
+
+    def draw(self, z: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The random parts of one training step: noise, times, caption drops, image conditioning."""
+        b, device = z.shape[0], z.device
+        num_tokens = self.num_tokens(z.shape[2:])
+        noise = torch.randn(z.shape, generator=generator, device="cpu").to(device)
+        t = self.objective.sample_time(b, num_tokens, generator=generator).to(device)
+        u = torch.rand(2, b, generator=generator).to(device)
+        return {
+            "noise": noise,
+            "t": t,
+            "drop": u[0] < self.hparams.caption_dropout,
+            "use_image": u[1] < self.hparams.i2v_probability,
+        }
+
+    def num_tokens(self, latent_thw: Sequence[int]) -> int:
+        pt, ph, pw = self.dit.patch_size
+        t, h, w = latent_thw
+        return (t // pt) * (h // ph) * (w // pw)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        z = self.normalized_latents(batch)
+        rnd = self.draw(z)
+        context, mask = self.text_context(batch, rnd["drop"])
+        loss = self.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"], rnd["use_image"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any
+    ) -> None:
+        if self.hparams.grad_clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update(self.dit, self.global_step)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        keep = [not meta.get("pad", False) for meta in batch["meta"]]
+        if not any(keep):
+            return
+        z = self.normalized_latents(batch)
+        # the same noise, times and (no) caption drops for every evaluation: comparable across steps
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        rnd = self.draw(z, generator)
+        drop = torch.zeros_like(rnd["drop"])
+        context, mask = self.text_context(batch, drop)
+        rows = torch.tensor(keep, device=z.device)
+        args = (z[rows], context[rows], mask[rows], rnd["noise"][rows], rnd["t"][rows])
+        self.val_metrics["loss"].update(self.diffusion_loss(*args), weight=int(rows.sum()))
+        self.val_metrics["loss_ema"].update(
+            self.diffusion_loss(*args, model=self.ema.module), weight=int(rows.sum())
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                self.log(f"val/{name}", metric.compute(), prog_bar=name == "loss")
+            metric.reset()
+
+    # sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        num_frames: int,
+        height: int,
+        width: int,
+        *,
+        num_steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        image: torch.Tensor | None = None,
+        init_video: torch.Tensor | None = None,
+        strength: float = 1.0,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Videos (B, 3, num_frames, height, width) in [-1, 1] for ``prompts`` (seeded).
+
+        ``image`` (B, 3, H, W) in [-1, 1] conditions on a first frame (needs an image-to-video DiT);
+        ``init_video`` (B, 3, T, H, W) with ``strength`` < 1 starts from that video noised (SDEdit).
+        """
+        model = self.ema.module if use_ema else self.dit
+        shape = self.vae.latent_shape((len(prompts), 3, num_frames, height, width))
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        context, mask = self.text_encoder.encode(list(prompts))
+        null, null_mask = self.text_encoder.null_embedding()
+        b = len(prompts)
+        cond = {"context": context.to(self.device), "context_mask": mask.to(self.device)}
+        uncond = {
+            "context": null.to(self.device).expand(b, -1, -1),
+            "context_mask": null_mask.to(self.device).expand(b, -1),
+        }
+        extra: torch.Tensor | None = None
+        if image is not None or self.image_to_video:
+            if not self.image_to_video:
+                raise ValueError("sample(image=...): this DiT has no image conditioning (cond_channels=0)")
+            use = torch.full((b,), image is not None, device=self.device)
+            first = torch.zeros(shape, device=self.device)
+            if image is not None:
+                z_img = self.vae.encode(image.to(self.device).unsqueeze(2)).mode()
+                first[:, :, :1] = (z_img.float() - self.latent_mean) / self.latent_std
+            extra = image_condition(first, use)
+
+        def model_fn(
+            x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+        ) -> torch.Tensor:
+            if extra is not None:
+                x = torch.cat([x, extra.repeat(x.shape[0] // b, 1, 1, 1, 1).to(x)], dim=1)
+            return model(x, t, context, context_mask).float()
+
+        init = None
+        if init_video is not None:
+            init = (
+                self.vae.encode(init_video.to(self.device)).mode().float() - self.latent_mean
+            ) / self.latent_std
+        denoiser = guided_denoiser(model_fn, cond, uncond, guidance_scale)
+        z = self.objective.sample(
+            denoiser,
+            noise,
+            num_steps,
+            self.num_tokens(shape[2:]),
+            init=init,
+            strength=strength,
+            generator=generator,
+        )
+        return self.vae.decode(self.denormalize(z).to(self.dtype)).float().clamp(-1, 1)
+
+    # optimisation and checkpoints
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
+        optimizer = self.optimizer_factory(self.dit.parameters())
+        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, int(total), self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vdm_config"] = self.run_config
+        checkpoint["vae_hash"] = self.vae_hash
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("vae.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("vae_hash")
+        if saved is not None and saved != self.vae_hash:
+            raise ValueError(
+                f"checkpoint was trained on VAE {saved[:12]} but model.vae_export has VAE "
+                f"{self.vae_hash[:12]}"
+            )
+        for key, value in self.vae.state_dict().items():
+            checkpoint["state_dict"][f"vae.{key}"] = value
+
+
+def _check_compatible(dit: torch.nn.Module, channels: int, text_dim: int, i2v_probability: float) -> None:
+    """The DiT must match the VAE's latent channels and the text encoder's width."""
+    in_channels = getattr(dit, "in_channels", channels)
+    if in_channels != channels:
+        raise ValueError(
+            f"model.dit.in_channels={in_channels} but the VAE export has {channels} latent channels; "
+            f"set model.dit.in_channels={channels}"
+        )
+    cond = getattr(dit, "cond_channels", 0)
+    if cond not in (0, channels + 1):
+        raise ValueError(f"model.dit.cond_channels must be 0 or {channels + 1} (latent + mask), got {cond}")
+    if i2v_probability > 0 and cond == 0:
+        raise ValueError(f"module.i2v_probability > 0 needs model.dit.cond_channels={channels + 1}")
+    context_dim = getattr(dit, "context_dim", text_dim)
+    if context_dim != text_dim:
+        raise ValueError(
+            f"model.dit.context_dim={context_dim} but the text encoder's hidden size is {text_dim}; "
+            f"set model.dit.context_dim={text_dim}"
+        )
