@@ -14,7 +14,7 @@ from vdm.utils.config_check import ConfigError, validate_config
 
 ROOT = CONF_DIR.parent
 # groups whose options need more than the defaults to compose meaningfully
-NEEDS = {("data", "shards"): ["corpus.root=/corpus"]}
+NEEDS = {("data", "shards"): ["corpus.root=/corpus"], ("data", "latents"): ["latents.root=/latents"]}
 STAGE2 = ["stage=diffusion", "model.vae_export={export}"]  # options of stage 2 need a VAE export
 SKIP_GROUPS = {"hydra", "local"}
 

@@ -115,3 +115,25 @@ def test_diffusion_stage_trains_samples_and_resumes_with_its_ema(tiny_train_cfg,
     last = torch.load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8
     assert int(last["state_dict"]["ema.averaged.n_averaged"]) == 8
+
+
+def test_diffusion_on_precomputed_latents_and_text(tiny_train_cfg, vae_export_dir, synthetic_root, tmp_path):
+    from data_prep.precompute_latents import precompute
+    from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
+    from vdm.models.text_encoder import TextEncoder
+
+    text_dir = ensure_random_text_encoder(tmp_path / "data" / "text_encoder_synthetic", vocab=synthetic_vocabulary(),
+                                          max_length=32)
+    latents = tmp_path / "latents"
+    precompute(str(synthetic_root), str(vae_export_dir), str(latents), num_frames=5, height=32, width=32,
+               text_encoder=TextEncoder(str(text_dir), "t5", max_length=32))
+    overrides = [*diffusion_overrides(vae_export_dir), "data=latents", f"latents.root={latents}",
+                 "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.batches_per_epoch=4",
+                 "data.val_batches=2", "data.num_frames=5", "data.height=32", "data.width=32",
+                 "trainer.max_steps=4", "callbacks.diffusion_samples.prompts=[a red star growing on a black background]"]
+    metrics = train(tiny_train_cfg(*overrides))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+    wrong = tiny_train_cfg(*overrides, "model.text_encoder.max_length=16", "synthetic_text_encoder=null")
+    with pytest.raises(ValueError, match="text embeddings of text encoder t5:"):
+        train(wrong)

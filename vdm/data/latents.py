@@ -188,6 +188,9 @@ class LatentDataModule(VideoDataModule):
         persistent_workers: bool = False,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         super().__init__(
             train_shards=train_shards,
@@ -211,12 +214,21 @@ class LatentDataModule(VideoDataModule):
         if self.manifest is None:
             raise ValueError("LatentDataModule: needs a manifest (or root) to know the VAE and latent shape")
         self.vae_export = vae_export
+        # the pixel clip shape the latents stand for (checked against the corpus when given)
+        self.clip_shape = {"num_frames": num_frames, "height": height, "width": width}
         self.latents: dict[str, Any] | None = None
 
     def read_latent_info(self) -> dict[str, Any]:
         """The corpus' latent metadata, checked against ``vae_export`` (LatentCorpusError on mismatch)."""
         if self.latents is None:
             info = latent_info(load_manifest(self.manifest), f"latent corpus {self.manifest}")
+            options = (load_manifest(self.manifest) or {}).get("options", {})
+            for name, value in self.clip_shape.items():
+                if value is not None and name in options and options[name] != value:
+                    raise LatentCorpusError(
+                        f"data.{name}={value}, but latent corpus {self.manifest} was encoded from clips with "
+                        f"{name}={options[name]}"
+                    )
             if self.vae_export is not None:
                 check_vae_hash(
                     str(info["vae_hash"]), export_hash(self.vae_export), f"latent corpus {self.manifest}"

@@ -91,6 +91,20 @@ class DiffusionModule(L.LightningModule):
         self.run_config: dict[str, Any] = {}
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "loss_ema")})
 
+    def setup(self, stage: str) -> None:
+        """Precomputed text embeddings must come from this run's text encoder."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        read = getattr(datamodule, "read_latent_info", None)
+        if read is None:
+            return
+        made_by = read().get("text_encoder")
+        if made_by is not None and made_by != self.text_encoder.identifier:
+            raise ValueError(
+                f"the latent corpus holds text embeddings of text encoder {made_by}, but this run uses "
+                f"{self.text_encoder.identifier} (from {self.text_encoder.path}); re-run precompute_latents "
+                "with this encoder, or without --text-encoder"
+            )
+
     @property
     def image_to_video(self) -> bool:
         return getattr(self.dit, "cond_channels", 0) > 0
