@@ -37,6 +37,9 @@ TINY_RUN = [
     "data.val_batches=2",
     "logger=none",
     "trainer.max_steps=8",
+    # fp32: exact numbers on any CPU (the CPU trainer's bf16 default depends on native bf16 support)
+    "trainer.precision=32-true",
+    "trainer.check_val_every_n_epoch=1",
     "trainer.log_every_n_steps=1",
     "module.warmup_steps=2",
 ]

@@ -29,6 +29,7 @@ TINY_TC4 = dict(
 )
 TINY_PATCH = {**TINY_TC4, "patch_size": 2}
 TINY_SHORTCUT = {**TINY_PATCH, "shortcuts": True}
+TINY_NORM_FREE = {**TINY_SHORTCUT, "norm": "none"}
 CHUNK_ATOL = 1e-5
 
 
@@ -111,7 +112,9 @@ def test_cache_refuses_reentry() -> None:
 
 
 @pytest.mark.parametrize(
-    "config", [TINY, TINY_TC4, TINY_PATCH, TINY_SHORTCUT], ids=["tc2", "tc4", "patch2", "shortcuts"]
+    "config",
+    [TINY, TINY_TC4, TINY_PATCH, TINY_SHORTCUT, TINY_NORM_FREE],
+    ids=["tc2", "tc4", "patch2", "shortcuts", "norm_free"],
 )
 def test_chunked_encode_matches_full(config: dict) -> None:
     vae = make_vae(config)
@@ -128,7 +131,9 @@ def test_chunked_encode_matches_full(config: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "config", [TINY, TINY_TC4, TINY_PATCH, TINY_SHORTCUT], ids=["tc2", "tc4", "patch2", "shortcuts"]
+    "config",
+    [TINY, TINY_TC4, TINY_PATCH, TINY_SHORTCUT, TINY_NORM_FREE],
+    ids=["tc2", "tc4", "patch2", "shortcuts", "norm_free"],
 )
 def test_chunked_decode_matches_full(config: dict) -> None:
     vae = make_vae(config)

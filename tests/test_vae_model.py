@@ -27,6 +27,8 @@ TINY_TC4 = dict(
 TINY_PATCH = {**TINY_TC4, "patch_size": 2}
 # parameter-free pooling / repetition shortcuts around every resampling and the latent
 TINY_SHORTCUT = {**TINY_PATCH, "shortcuts": True}
+# the tiny preset's choices: no normalisation layers at all
+TINY_NORM_FREE = {**TINY_SHORTCUT, "norm": "none"}
 
 
 def make_vae(config: dict, seed: int = 0, randomize: bool = False) -> VideoVAE:
@@ -172,9 +174,10 @@ def test_image_encodes_like_first_frame_of_clip(config: dict) -> None:
 
 
 TINY_TC4_GROUP = {**TINY_TC4, "norm": "group"}
+CAUSAL_CONFIGS = [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH, TINY_SHORTCUT, TINY_NORM_FREE]
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH, TINY_SHORTCUT])
+@pytest.mark.parametrize("config", CAUSAL_CONFIGS)
 def test_encoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -188,7 +191,7 @@ def test_encoder_causality(config: dict) -> None:
             assert not torch.allclose(z2[:, :, first_affected], z[:, :, first_affected]), j
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_TC4, TINY_TC4_GROUP, TINY_PATCH, TINY_SHORTCUT])
+@pytest.mark.parametrize("config", CAUSAL_CONFIGS)
 def test_decoder_causality(config: dict) -> None:
     vae = make_vae(config, randomize=True)
     tc = vae.temporal_compression
@@ -335,7 +338,7 @@ def test_diagonal_gaussian() -> None:
         ({"temporal_downsample": (True, True)}, r"len\(temporal_downsample\) must equal .* - 1 = 1"),
         ({"base_channels": 24, "norm_groups": 16, "norm": "group"}, r"divisible by norm_groups \(16\).*e\.g\. 8"),
         ({"patch_size": 0}, r"patch_size must be >= 1"),
-        ({"norm": "batch"}, r"norm must be 'rms' .* or 'group' .*got 'batch'"),
+        ({"norm": "batch"}, r"norm must be 'rms' .*, 'group' .* or 'none', got 'batch'"),
         ({"channel_mults": ()}, "channel_mults must be a non-empty"),
         ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),

@@ -224,16 +224,18 @@ class ChannelRMSNorm(nn.Module):
         return (h * self.weight.float().view(shape) + self.bias.float().view(shape)).to(x.dtype)
 
 
-NormKind = Literal["rms", "group"]
+NormKind = Literal["rms", "group", "none"]
 
 
 def make_norm(kind: NormKind, channels: int, groups: int) -> nn.Module:
-    """The normalisation layer of a block: ``ChannelRMSNorm`` or per-frame ``CausalGroupNorm``."""
+    """The normalisation layer of a block: ``ChannelRMSNorm``, per-frame ``CausalGroupNorm``, or none."""
     if kind == "rms":
         return ChannelRMSNorm(channels)
     if kind == "group":
         return CausalGroupNorm(groups, channels)
-    raise ValueError(f"norm must be 'rms' or 'group', got {kind!r}")
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'rms', 'group' or 'none', got {kind!r}")
 
 
 def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, enabled: bool) -> torch.Tensor:

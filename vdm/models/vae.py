@@ -173,8 +173,10 @@ def _validate_config(
         raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if norm not in ("rms", "group"):
-        raise ValueError(f"norm must be 'rms' (channel RMSNorm) or 'group' (per-frame GroupNorm), got {norm!r}")
+    if norm not in ("rms", "group", "none"):
+        raise ValueError(
+            f"norm must be 'rms' (channel RMSNorm), 'group' (per-frame GroupNorm) or 'none', got {norm!r}"
+        )
     deepest = base_channels * channel_mults[-1]
     if shortcuts and deepest % latent_channels != 0:
         divisors = [d for d in range(1, deepest + 1) if deepest % d == 0]
