@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import pytest
 import torch
@@ -89,8 +90,10 @@ def test_instantiate_and_dataloaders(corpus: Path) -> None:
 def test_data_configs_match_constructor(name: str) -> None:
     cfg = OmegaConf.load(CONF / "data" / f"{name}.yaml")
     node = cfg.data if "data" in cfg else cfg
-    accepted = set(inspect.signature(VideoDataModule.__init__).parameters) - {"self"}
-    assert set(node) - {"_target_"} <= accepted, f"conf/data/{name}.yaml keys unknown to VideoDataModule"
+    target = hydra.utils.get_class(node._target_)
+    assert issubclass(target, VideoDataModule)
+    accepted = set(inspect.signature(target.__init__).parameters) - {"self"}
+    assert set(node) - {"_target_"} <= accepted, f"conf/data/{name}.yaml keys unknown to {target.__name__}"
 
 
 def test_shards_yaml_instantiates(corpus: Path) -> None:

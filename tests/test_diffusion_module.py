@@ -109,6 +109,9 @@ def test_latent_corpus_of_another_vae_is_refused_naming_both_hashes(synthetic_ro
     with pytest.raises(LatentCorpusError) as err:
         dm.setup("fit")
     assert export.vae_hash[:12] in str(err.value) and other_hash[:12] in str(err.value)
+    wrong_shape = LatentDataModule(root=str(out), vae_export=str(vae_export_dir), num_frames=9, num_workers=0)
+    with pytest.raises(LatentCorpusError, match="data.num_frames=9, but latent corpus .* num_frames=5"):
+        wrong_shape.setup("fit")
 
 
 def test_training_reduces_the_loss_and_ema_follows(vae_export_dir, text_encoder_dir):

@@ -192,6 +192,10 @@ class LatentDataModule(VideoDataModule):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
+        # the pixel clip shape the latents stand for (checked against the corpus when given)
+        clip_shape = {"num_frames": num_frames, "height": height, "width": width}
+        # VideoDataModule validates its clip arguments (saved from this frame): valid stand-ins
+        num_frames, height, width = num_frames or 1, height or 8, width or 8
         super().__init__(
             train_shards=train_shards,
             val_shards=val_shards,
@@ -210,12 +214,14 @@ class LatentDataModule(VideoDataModule):
             persistent_workers=persistent_workers,
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor,
+            num_frames=num_frames,
+            height=height,
+            width=width,
         )
         if self.manifest is None:
             raise ValueError("LatentDataModule: needs a manifest (or root) to know the VAE and latent shape")
         self.vae_export = vae_export
-        # the pixel clip shape the latents stand for (checked against the corpus when given)
-        self.clip_shape = {"num_frames": num_frames, "height": height, "width": width}
+        self.clip_shape = clip_shape
         self.latents: dict[str, Any] | None = None
 
     def read_latent_info(self) -> dict[str, Any]:
