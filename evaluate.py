@@ -1,6 +1,9 @@
 """Evaluate a checkpoint on held-out data: ``python evaluate.py ckpt_path=PATH [overrides...]``.
 
 Stage 1 (VAE): validation loss and per-frame PSNR on the validation split, written to ``metrics.json``.
+Stage 2 (``stage=diffusion model.vae_export=...``): videos for the held-out prompts (``generation.*``,
+resumable), CLIP score and FVD when their local weights are given (``metrics.*``), ``metrics.json``
+with the protocol manifest, and a self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"ckpt_path: no such checkpoint: {ckpt}")
     use_stored_model_config(cfg, ckpt)
     datamodule, module, trainer = setup_run(cfg)
+    if hasattr(module, "sample"):  # stage 2: generate and score
+        from vdm.lightning.generation_eval import evaluate_generation
+
+        return evaluate_generation(module, cfg, ckpt, Path(cfg.paths.output_dir))
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=True)
     metrics = {k: float(v) for k, v in results[0].items()}
     out = Path(cfg.paths.output_dir) / "metrics.json"

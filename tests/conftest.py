@@ -128,3 +128,36 @@ def text_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("text") / "t5"
     ensure_random_text_encoder(out, kind="t5", vocab=synthetic_vocabulary(), hidden_size=64, max_length=16)
     return out
+
+
+# the tiny CLIP's vocabulary (other words map to the unknown token)
+CLIP_WORDS = ["a", "red", "blue", "ball", "cat", "dog", "moving", "left", "right", "on", "the", "grass"]
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP (32-wide, 32 px images) with a word-level tokenizer, saved as transformers files."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from data_prep.text_encoder import _tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = _tokenizer("clip", CLIP_WORDS, max_length=16)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # config.json's model_type would otherwise make AutoTokenizer pick the BPE CLIPTokenizer
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out

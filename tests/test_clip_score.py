@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,33 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.text_encoder import _tokenizer
+from tests.conftest import CLIP_WORDS as WORDS
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
-
-WORDS = ["a", "red", "blue", "ball", "cat", "dog", "moving", "left", "right", "on", "the", "grass"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    out = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = _tokenizer("clip", WORDS, max_length=16)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # config.json's model_type would otherwise make AutoTokenizer pick the BPE CLIPTokenizer
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config))
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,16 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tiny_train_cfg, tmp_path
     from tests.shards import corrupt_item, video_item, write_corpus
 
     good = [video_item(f"ok-{i}.mp4", frames=9, seed=i) for i in range(7)]
-    write_corpus(tmp_path / "corpus", {"train": [good + [corrupt_item("bad.mp4")]],
-                                       "val": [good[:2]]})
-    cfg = tiny_train_cfg("data=shards", f"corpus.root={tmp_path / 'corpus'}", "data.frame_stride=1",
-                         "callbacks.data_skips.every_n_steps=1", "data.max_skip_rate=0.5",
-                         "data.skip_check_after=1", "validate=false")
+    write_corpus(tmp_path / "corpus", {"train": [good + [corrupt_item("bad.mp4")]], "val": [good[:2]]})
+    cfg = tiny_train_cfg(
+        "data=shards",
+        f"corpus.root={tmp_path / 'corpus'}",
+        "data.frame_stride=1",
+        "callbacks.data_skips.every_n_steps=1",
+        "data.max_skip_rate=0.5",
+        "data.skip_check_after=1",
+        "validate=false",
+    )
     metrics = train(cfg)
     assert metrics["data/train_skipped"] >= 1
     assert 0 < metrics["data/train_skip_rate"] <= 0.5
@@ -79,8 +85,14 @@ def test_skip_rate_above_the_limit_stops_training(tiny_train_cfg, tmp_path):
 
     items = [video_item("ok.mp4", frames=9)] + [corrupt_item(f"bad-{i}.mp4") for i in range(5)]
     write_corpus(tmp_path / "corpus", {"train": [items], "val": [items[:1]]})
-    cfg = tiny_train_cfg("data=shards", f"corpus.root={tmp_path / 'corpus'}", "data.frame_stride=1",
-                         "data.max_skip_rate=0.2", "data.skip_check_after=4", "validate=false")
+    cfg = tiny_train_cfg(
+        "data=shards",
+        f"corpus.root={tmp_path / 'corpus'}",
+        "data.frame_stride=1",
+        "data.max_skip_rate=0.2",
+        "data.skip_check_after=4",
+        "validate=false",
+    )
     with pytest.raises(Exception, match=r"skipped \d+ of \d+ samples .* exceeds max_skip_rate=20.0%"):
         train(cfg)
 
@@ -122,18 +134,65 @@ def test_diffusion_on_precomputed_latents_and_text(tiny_train_cfg, vae_export_di
     from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
     from vdm.models.text_encoder import TextEncoder
 
-    text_dir = ensure_random_text_encoder(tmp_path / "data" / "text_encoder_synthetic", vocab=synthetic_vocabulary(),
-                                          max_length=32)
+    text_dir = ensure_random_text_encoder(
+        tmp_path / "data" / "text_encoder_synthetic", vocab=synthetic_vocabulary(), max_length=32
+    )
     latents = tmp_path / "latents"
-    precompute(str(synthetic_root), str(vae_export_dir), str(latents), num_frames=5, height=32, width=32,
-               text_encoder=TextEncoder(str(text_dir), "t5", max_length=32))
-    overrides = [*diffusion_overrides(vae_export_dir), "data=latents", f"latents.root={latents}",
-                 "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.batches_per_epoch=4",
-                 "data.val_batches=2", "data.num_frames=5", "data.height=32", "data.width=32",
-                 "trainer.max_steps=4", "callbacks.diffusion_samples.prompts=[a red star growing on a black background]"]
+    precompute(
+        str(synthetic_root),
+        str(vae_export_dir),
+        str(latents),
+        num_frames=5,
+        height=32,
+        width=32,
+        text_encoder=TextEncoder(str(text_dir), "t5", max_length=32),
+    )
+    overrides = [
+        *diffusion_overrides(vae_export_dir),
+        "data=latents",
+        f"latents.root={latents}",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "data.num_workers=0",
+        "data.batches_per_epoch=4",
+        "data.val_batches=2",
+        "data.num_frames=5",
+        "data.height=32",
+        "data.width=32",
+        "trainer.max_steps=4",
+        "callbacks.diffusion_samples.prompts=[a red star growing on a black background]",
+    ]
     metrics = train(tiny_train_cfg(*overrides))
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
     wrong = tiny_train_cfg(*overrides, "model.text_encoder.max_length=16", "synthetic_text_encoder=null")
     with pytest.raises(ValueError, match="text embeddings of text encoder t5:"):
         train(wrong)
+
+
+def test_evaluate_stage2_checkpoint_writes_videos_metrics_and_report(
+    tiny_train_cfg, vae_export_dir, clip_dir
+):
+    train_cfg = tiny_train_cfg(*diffusion_overrides(vae_export_dir), "trainer.max_steps=2", "validate=false")
+    train(train_cfg)
+    ckpt = Path(train_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    overrides = [
+        *diffusion_overrides(vae_export_dir)[:2],
+        f"ckpt_path={ckpt}",
+        "generation.max_prompts=2",
+        "generation.videos_per_prompt=2",
+        "generation.num_steps=2",
+        f"metrics.clip_path={clip_dir}",
+    ]
+    cfg = tiny_train_cfg(*overrides, config_name="evaluate")
+    metrics = evaluate(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert len(list((out / "videos").glob("p*_s*.mp4"))) == 4
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["clip_score"] == pytest.approx(metrics["clip_score"])
+    assert -1 <= metrics["clipsim"] <= 1 and 0 <= metrics["clip_score"] <= 100
+    protocol = saved["protocol"]
+    assert protocol["num_videos"] == 4 and len(protocol["seeds"]) == 4 and protocol["ema"] is True
+    assert protocol["checkpoint_sha256"] and protocol["vae_hash"] and protocol["num_steps"] == 2
+    report = (out / "report.html").read_text()
+    assert report.count("<video") == 4 and "data:video/mp4;base64," in report

@@ -1,0 +1,132 @@
+"""Stage-2 evaluation: sample held-out prompts from a checkpoint, score them, write metrics and a report.
+
+Used by ``evaluate.py`` for ``DiffusionModule`` checkpoints. Videos are generated with
+``vdm.evaluation.generate_videos`` (seeded, resumable), read back from their mp4s (so a resumed run
+scores exactly the files it keeps) and scored with CLIP (``metrics.clip_path``) and, given an I3D
+file (``metrics.i3d_path``) and real reference statistics (``metrics.reference_stats``), FVD.
+Every setting that changes the numbers is recorded in the protocol manifest of ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vdm.evaluation import (
+    GeneratedVideo,
+    checkpoint_hash,
+    generate_videos,
+    read_prompts,
+    read_video,
+    write_metrics,
+    write_report,
+)
+from vdm.metrics.clip_score import CLIPScore, CLIPScorer
+from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance
+from vdm.metrics.i3d import detector_hash, fvd_preprocess, load_i3d
+
+log = logging.getLogger(__name__)
+
+
+def load_weights(module: torch.nn.Module, ckpt_path: Path) -> str:
+    """Load a Lightning checkpoint's weights into ``module`` (strict, VAE hash checked); returns its hash."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(checkpoint)  # puts the export's VAE weights back, refuses another VAE
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    return checkpoint_hash(ckpt_path)
+
+
+@torch.no_grad()
+def clip_metrics(clip_path: str, records: list[GeneratedVideo], num_prompts: int) -> tuple[dict, dict]:
+    """(overall {"clipsim", "clip_score"}, per-prompt clip_score by prompt text)."""
+    scorer, metric = CLIPScorer(clip_path), CLIPScore(num_prompts=num_prompts)
+    for record in records:
+        cos = scorer(read_video(record.path).unsqueeze(0), [record.prompt])
+        metric.update(cos, torch.tensor([record.prompt_idx]))
+    values = metric.compute()
+    per_prompt: dict[str, float] = {}
+    for record in records:
+        cos = float(values[f"clipsim/prompt_{record.prompt_idx}"])
+        per_prompt[record.prompt] = 100.0 * max(cos, 0.0)
+    return {"clipsim": float(values["clipsim"]), "clip_score": float(values["clip_score"])}, per_prompt
+
+
+@torch.no_grad()
+def fvd_metric(
+    i3d_path: str, reference: str, records: list[GeneratedVideo], num_frames: int, protocol: dict[str, Any]
+) -> float:
+    """FVD of the generated videos against cached real statistics made with the same protocol."""
+    detector = load_i3d(i3d_path)
+    real = FeatureStatistics.load(reference, expected_protocol=protocol)
+    metric = FrechetVideoDistance(real.mu.numel(), reference=real)
+    for record in records:
+        video = fvd_preprocess(read_video(record.path).unsqueeze(0), num_frames=num_frames)
+        metric.update(detector(video).double(), real=False)
+    return float(metric.compute())
+
+
+def evaluate_generation(module: Any, cfg: Any, ckpt_path: Path, out_dir: Path) -> dict[str, float]:
+    """Generate, score, and write ``videos/``, ``metrics.json`` and ``report.html`` into ``out_dir``."""
+    gen, metrics_cfg = cfg.generation, cfg.metrics
+    ckpt_hash = load_weights(module, ckpt_path)
+    prompts = read_prompts(gen.prompts_file)[: gen.max_prompts or None]
+    records = generate_videos(
+        module,
+        prompts,
+        out_dir,
+        videos_per_prompt=gen.videos_per_prompt,
+        batch_size=gen.batch_size,
+        num_frames=gen.num_frames,
+        height=gen.height,
+        width=gen.width,
+        num_steps=gen.num_steps,
+        guidance_scale=gen.guidance_scale,
+        base_seed=gen.seed,
+        use_ema=gen.use_ema,
+    )
+    manifest: dict[str, Any] = {
+        "checkpoint": str(ckpt_path.resolve()),
+        "checkpoint_sha256": ckpt_hash,
+        "vae_hash": module.vae_hash,
+        "prompts_file": str(gen.prompts_file),
+        "num_prompts": len(prompts),
+        "num_videos": len(records),
+        "videos_per_prompt": gen.videos_per_prompt,
+        "seeds": [r.seed for r in records],
+        "frames": gen.num_frames,
+        "height": gen.height,
+        "width": gen.width,
+        "objective": repr(module.objective),
+        "num_steps": gen.num_steps,
+        "guidance_scale": gen.guidance_scale,
+        "ema": gen.use_ema,
+        "config": getattr(module, "run_config", {}),
+    }
+    metrics: dict[str, float] = {}
+    per_prompt: dict[str, float] | None = None
+    if metrics_cfg.clip_path:
+        overall, per_prompt = clip_metrics(metrics_cfg.clip_path, records, len(prompts))
+        metrics.update(overall)
+        manifest["clip_model_sha256"] = checkpoint_hash(metrics_cfg.clip_path)
+    if metrics_cfg.i3d_path and metrics_cfg.reference_stats:
+        protocol = {
+            "detector_sha256": detector_hash(metrics_cfg.i3d_path),
+            "frames": metrics_cfg.fvd_frames,
+            "resolution": 224,
+            "features": "logits",
+        }
+        metrics["fvd"] = fvd_metric(
+            metrics_cfg.i3d_path, metrics_cfg.reference_stats, records, metrics_cfg.fvd_frames, protocol
+        )
+        manifest["fvd"] = {**protocol, "reference_stats": str(metrics_cfg.reference_stats)}
+    elif metrics_cfg.i3d_path or metrics_cfg.reference_stats:
+        raise ValueError("metrics: FVD needs both metrics.i3d_path and metrics.reference_stats")
+    write_metrics(out_dir, metrics, manifest)
+    write_report(out_dir, records, metrics, per_prompt, manifest)
+    log.info(
+        "stage-2 evaluation of %s: %s (videos, metrics.json, report.html in %s)", ckpt_path, metrics, out_dir
+    )
+    return metrics
