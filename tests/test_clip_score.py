@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLIP_WORDS as WORDS
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 
 
