@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if hasattr(module, "sample"):  # stage 2: generate and score
         from vdm.lightning.generation_eval import evaluate_generation
 
-        return evaluate_generation(module, cfg, ckpt, Path(cfg.paths.output_dir))
+        return evaluate_generation(module, cfg, ckpt, Path(cfg.paths.output_dir), datamodule)
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=True)
     metrics = {k: float(v) for k, v in results[0].items()}
     out = Path(cfg.paths.output_dir) / "metrics.json"

@@ -196,3 +196,31 @@ def test_evaluate_stage2_checkpoint_writes_videos_metrics_and_report(
     assert protocol["checkpoint_sha256"] and protocol["vae_hash"] and protocol["num_steps"] == 2
     report = (out / "report.html").read_text()
     assert report.count("<video") == 4 and "data:video/mp4;base64," in report
+
+
+def test_evaluate_stage2_fvd_caches_reference_statistics(tiny_train_cfg, vae_export_dir, tmp_path):
+    from vdm.metrics.i3d import InceptionI3d
+
+    train_cfg = tiny_train_cfg(*diffusion_overrides(vae_export_dir), "trainer.max_steps=1", "validate=false")
+    train(train_cfg)
+    i3d_path, reference = tmp_path / "i3d.pt", tmp_path / "cache" / "real_stats.pt"
+    torch.manual_seed(0)
+    torch.save(InceptionI3d().state_dict(), i3d_path)
+    overrides = [
+        *diffusion_overrides(vae_export_dir)[:2],
+        f"ckpt_path={Path(train_cfg.paths.output_dir) / 'checkpoints' / 'last.ckpt'}",
+        "data.num_frames=9",  # FVD needs >= 9 frames
+        "generation.max_prompts=2",
+        "generation.num_steps=1",
+        f"metrics.i3d_path={i3d_path}",
+        f"metrics.reference_stats={reference}",
+    ]
+    first = evaluate(tiny_train_cfg(*overrides, config_name="evaluate"))
+    assert reference.exists() and first["fvd"] >= 0
+    cached = reference.stat().st_mtime_ns
+    again = evaluate(tiny_train_cfg(*overrides, config_name="evaluate"))  # kept videos, cached statistics
+    assert reference.stat().st_mtime_ns == cached
+    assert again["fvd"] == pytest.approx(first["fvd"], rel=1e-9)
+    protocol = json.loads((tmp_path / "run" / "metrics.json").read_text())["protocol"]["fvd"]
+    assert protocol["frames"] == 16 and protocol["resolution"] == 224
+    assert protocol["reference_clips"] == 4  # data.val_batches=2 batches of 2

@@ -10,6 +10,7 @@ Every setting that changes the numbers is recorded in the protocol manifest of `
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,56 @@ def clip_metrics(clip_path: str, records: list[GeneratedVideo], num_prompts: int
 
 
 @torch.no_grad()
+def reference_statistics(
+    detector: torch.nn.Module,
+    videos: Iterable[torch.Tensor],
+    num_frames: int,
+    path: Path,
+    protocol: dict[str, Any],
+) -> int:
+    """I3D feature statistics of real ``videos`` (batches (B, 3, T, H, W) in [-1, 1]) cached at ``path``
+    with ``protocol``; returns the number of clips."""
+    stats: FeatureStatistics | None = None
+    for batch in videos:
+        features = detector(fvd_preprocess(batch, num_frames=num_frames)).double()
+        stats = stats or FeatureStatistics(features.shape[1])
+        stats.update(features)
+    if stats is None:
+        raise ValueError("reference statistics: the real data yielded no clips")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(path, protocol)
+    return int(stats.count)
+
+
+def real_videos(datamodule: Any) -> Iterator[torch.Tensor]:
+    """Every validation clip once (exact mode), padding duplicates dropped, float in [-1, 1]."""
+    datamodule.setup("validate")
+    for batch in datamodule.val_dataloader():
+        batch = datamodule.on_after_batch_transfer(batch, 0)
+        keep = torch.tensor([not m.get("pad", False) for m in batch["meta"]])
+        if keep.any():
+            yield batch["video"][keep]
+
+
+@torch.no_grad()
 def fvd_metric(
-    i3d_path: str, reference: str, records: list[GeneratedVideo], num_frames: int, protocol: dict[str, Any]
+    i3d_path: str,
+    reference: str,
+    records: list[GeneratedVideo],
+    num_frames: int,
+    protocol: dict[str, Any],
+    datamodule: Any = None,
 ) -> float:
-    """FVD of the generated videos against cached real statistics made with the same protocol."""
+    """FVD of the generated videos against real statistics made with the same protocol: read from
+    ``reference``, or computed there first from the validation split of ``datamodule``."""
     detector = load_i3d(i3d_path)
+    if not Path(reference).exists():
+        if datamodule is None:
+            raise FileNotFoundError(
+                f"metrics.reference_stats: {reference} does not exist and no data is configured"
+            )
+        clips = reference_statistics(detector, real_videos(datamodule), num_frames, Path(reference), protocol)
+        log.info("reference statistics of %d real validation clips cached at %s", clips, reference)
     real = FeatureStatistics.load(reference, expected_protocol=protocol)
     metric = FrechetVideoDistance(real.mu.numel(), reference=real)
     for record in records:
@@ -68,7 +114,9 @@ def fvd_metric(
     return float(metric.compute())
 
 
-def evaluate_generation(module: Any, cfg: Any, ckpt_path: Path, out_dir: Path) -> dict[str, float]:
+def evaluate_generation(
+    module: Any, cfg: Any, ckpt_path: Path, out_dir: Path, datamodule: Any = None
+) -> dict[str, float]:
     """Generate, score, and write ``videos/``, ``metrics.json`` and ``report.html`` into ``out_dir``."""
     gen, metrics_cfg = cfg.generation, cfg.metrics
     ckpt_hash = load_weights(module, ckpt_path)
@@ -116,12 +164,23 @@ def evaluate_generation(module: Any, cfg: Any, ckpt_path: Path, out_dir: Path) -
             "detector_sha256": detector_hash(metrics_cfg.i3d_path),
             "frames": metrics_cfg.fvd_frames,
             "resolution": 224,
+            "reference_data": str(getattr(datamodule, "val_shards", None)),
             "features": "logits",
         }
         metrics["fvd"] = fvd_metric(
-            metrics_cfg.i3d_path, metrics_cfg.reference_stats, records, metrics_cfg.fvd_frames, protocol
+            metrics_cfg.i3d_path,
+            metrics_cfg.reference_stats,
+            records,
+            metrics_cfg.fvd_frames,
+            protocol,
+            datamodule,
         )
-        manifest["fvd"] = {**protocol, "reference_stats": str(metrics_cfg.reference_stats)}
+        reference = FeatureStatistics.load(metrics_cfg.reference_stats)
+        manifest["fvd"] = {
+            **protocol,
+            "reference_stats": str(metrics_cfg.reference_stats),
+            "reference_clips": reference.count,
+        }
     elif metrics_cfg.i3d_path or metrics_cfg.reference_stats:
         raise ValueError("metrics: FVD needs both metrics.i3d_path and metrics.reference_stats")
     write_metrics(out_dir, metrics, manifest)
