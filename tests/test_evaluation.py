@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,24 @@ def test_generation_is_resumable_and_deterministic(
     assert torch.equal(read_video(removed), read_video(kept_copy))
     for r in records[:3]:
         assert r.path.stat().st_mtime_ns == before[r.path][0]
+
+
+def _chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium (Debian package: chromium)")
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    records = _fake_records(tmp_path, [evil, "a calm lake"], per_prompt=2)
+    path = write_report(tmp_path / "out", records, {"clip_score": 25.0}, {evil: 25.0}, {"num_steps": 1})
+    flags = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    run = subprocess.run([*flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = run.stdout
+    assert dom.count("<video") == 4 and "<script" not in dom
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,900", path.as_uri()], timeout=120,
+                   capture_output=True)
+    assert shot.exists() and shot.stat().st_size > 1000
