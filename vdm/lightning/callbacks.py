@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from vdm.data.encode import EncodeOptions, encode_frames
+from vdm.data.encode import encode_frames
+from vdm.evaluation import ENCODE_OPTIONS, read_prompts, to_uint8_frames
 from vdm.utils.vae_export import compute_latent_stats, export_vae
 
 
@@ -45,12 +45,6 @@ class DataSkipMonitor(L.Callback):
             self._log(trainer, pl_module, "val")
 
 
-def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """(C, T, H, W) in [-1, 1] -> (T, H, W, C) uint8."""
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
-
-
 class ReconstructionVideos(L.Callback):
     """Writes side-by-side ``original | reconstruction`` mp4s of the first validation batch.
 
@@ -77,9 +71,9 @@ class ReconstructionVideos(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, (x, x_hat) in enumerate(zip(*examples)):
-            frames = _to_uint8_frames(torch.cat([x, x_hat], dim=-1))  # original | reconstruction
+            frames = to_uint8_frames(torch.cat([x, x_hat], dim=-1))  # original | reconstruction
             path = self.dirpath / f"step{step:07d}_{i}.mp4"
-            path.write_bytes(encode_frames(frames, self.fps, EncodeOptions(keyframe_interval=8, crf=18)))
+            path.write_bytes(encode_frames(frames, self.fps, ENCODE_OPTIONS))
             paths.append(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -132,19 +126,13 @@ class VAEExportCallback(L.Callback):
         return vae_hash
 
 
-def read_prompts(prompts: list[str] | None, prompts_file: str | None, num_prompts: int) -> list[str]:
-    """The first ``num_prompts`` of ``prompts``, else of ``prompts_file`` (one prompt per line)."""
+def select_prompts(prompts: list[str] | None, prompts_file: str | None, num_prompts: int) -> list[str]:
+    """The first ``num_prompts`` of ``prompts``, else of ``prompts_file`` (txt or jsonl: ``read_prompts``)."""
     if prompts:
         return list(prompts)[:num_prompts]
     if prompts_file is None:
         raise ValueError("DiffusionSamples: give `prompts` or `prompts_file`")
-    path = Path(prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"DiffusionSamples: prompts file {path} not found")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"DiffusionSamples: prompts file {path} holds no prompts")
-    return lines[:num_prompts]
+    return [spec.prompt for spec in read_prompts(prompts_file)][:num_prompts]
 
 
 class DiffusionSamples(L.Callback):
@@ -175,7 +163,7 @@ class DiffusionSamples(L.Callback):
                 f"{num_steps}"
             )
         self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
-        self.prompts = read_prompts(prompts, prompts_file, num_prompts)
+        self.prompts = select_prompts(prompts, prompts_file, num_prompts)
         self.shape = (num_frames, height, width)
         self.num_steps, self.guidance_scale, self.seed, self.fps = num_steps, guidance_scale, seed, fps
         self.written: list[Path] = []
@@ -202,8 +190,7 @@ class DiffusionSamples(L.Callback):
         paths = []
         for i, video in enumerate(videos):
             path = self.dirpath / f"step{step:07d}_{i}.mp4"
-            options = EncodeOptions(keyframe_interval=8, crf=18)
-            path.write_bytes(encode_frames(_to_uint8_frames(video), self.fps, options))
+            path.write_bytes(encode_frames(to_uint8_frames(video), self.fps, ENCODE_OPTIONS))
             paths.append(path)
         self.written += paths
         for logger in trainer.loggers:

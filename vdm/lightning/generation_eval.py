@@ -95,9 +95,9 @@ def fvd_metric(
     num_frames: int,
     protocol: dict[str, Any],
     datamodule: Any = None,
-) -> float:
-    """FVD of the generated videos against real statistics made with the same protocol: read from
-    ``reference``, or computed there first from the validation split of ``datamodule``."""
+) -> tuple[float, int]:
+    """(FVD, real clips) of the generated videos against real statistics made with the same protocol:
+    read from ``reference``, or computed there first from the validation split of ``datamodule``."""
     detector = load_i3d(i3d_path)
     if not Path(reference).exists():
         if datamodule is None:
@@ -111,7 +111,7 @@ def fvd_metric(
     for record in records:
         video = fvd_preprocess(read_video(record.path).unsqueeze(0), num_frames=num_frames)
         metric.update(detector(video).double(), real=False)
-    return float(metric.compute())
+    return float(metric.compute()), real.count
 
 
 def evaluate_generation(
@@ -167,7 +167,7 @@ def evaluate_generation(
             "reference_data": str(getattr(datamodule, "val_shards", None)),
             "features": "logits",
         }
-        metrics["fvd"] = fvd_metric(
+        metrics["fvd"], reference_clips = fvd_metric(
             metrics_cfg.i3d_path,
             metrics_cfg.reference_stats,
             records,
@@ -175,11 +175,10 @@ def evaluate_generation(
             protocol,
             datamodule,
         )
-        reference = FeatureStatistics.load(metrics_cfg.reference_stats)
         manifest["fvd"] = {
             **protocol,
             "reference_stats": str(metrics_cfg.reference_stats),
-            "reference_clips": reference.count,
+            "reference_clips": reference_clips,
         }
     elif metrics_cfg.i3d_path or metrics_cfg.reference_stats:
         raise ValueError("metrics: FVD needs both metrics.i3d_path and metrics.reference_stats")
