@@ -167,6 +167,24 @@ def test_image_to_video_sampling_is_seeded_and_uses_the_image(vae_export_dir, te
     assert not torch.allclose(first, other)
 
 
+@pytest.mark.parametrize("objective", ["flow", "ddpm_eta1"])
+def test_per_video_seeds_make_samples_independent_of_their_batch(vae_export_dir, text_encoder_dir, objective):
+    kwargs = {} if objective == "flow" else {"objective": DDPM(eta=1.0)}
+    module = make_module(vae_export_dir, text_encoder_dir, **kwargs).eval()
+    with torch.no_grad():  # a non-zero output layer, so the noise and the prompts show in the samples
+        for p in module.ema.module.final_layer.parameters():
+            p.normal_(0, 0.1)
+    prompts = ["a red ball moving right", "a blue cube on a black background", "a red ball moving right"]
+    opts = dict(num_steps=3, guidance_scale=2.0)
+    batched = module.sample(prompts, 5, 32, 32, seed=[3, 4, 5], **opts)
+    alone = torch.cat([module.sample([p], 5, 32, 32, seed=[s], **opts) for p, s in zip(prompts, [3, 4, 5])])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
+    assert not torch.allclose(batched[0], batched[2], atol=1e-3)  # same prompt, another seed
+    torch.testing.assert_close(module.sample(prompts[:1], 5, 32, 32, seed=3, **opts), batched[:1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        module.sample(prompts, 5, 32, 32, seed=[1, 2], **opts)
+
+
 def test_mismatched_dit_or_checkpoint_fails_with_the_fix(vae_export_dir, text_encoder_dir):
     text = TextEncoder(str(text_encoder_dir), "t5", max_length=16)
     optimizer = lambda params: torch.optim.AdamW(params)  # noqa: E731

@@ -156,7 +156,7 @@ def test_generation_is_resumable_and_deterministic(
     original = module.sample
     monkeypatch.setattr(module, "sample", lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
     generate_videos(module, prompts, tmp_path, **GEN_KWARGS)
-    assert calls == [records[3].seed]
+    assert calls == [[records[3].seed]]
     assert removed.read_bytes() == before[removed][1]
     kept_copy = tmp_path / "first_run.mp4"
     kept_copy.write_bytes(before[removed][1])

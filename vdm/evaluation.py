@@ -138,11 +138,9 @@ def generate_videos(
 ) -> list[GeneratedVideo]:
     """Generate ``videos_per_prompt`` mp4s per prompt with ``module.sample``; existing files are kept.
 
-    Returns one record per video in (prompt, sample) order, kept files included. ``module.sample`` draws
-    one noise tensor from one seed per call, so each video is sampled on its own call: that keeps every
-    video's seed (see :func:`video_seed`), and so its content, independent of ``batch_size`` and of which
-    files a resumed run still needs. ``batch_size`` is validated and reserved for batching with per-row
-    seeds.
+    Returns one record per video in (prompt, sample) order, kept files included. The missing videos are
+    sampled ``batch_size`` at a time with one seed per video (see :func:`video_seed`), so a video's content
+    does not depend on ``batch_size`` or on which files a resumed run still needs.
     """
     if videos_per_prompt < 1 or batch_size < 1:
         raise ValueError(
@@ -162,18 +160,22 @@ def generate_videos(
     if todo and hasattr(module, "eval"):
         module.eval()
     try:
-        for record in tqdm(todo, desc="generating videos", unit="video", disable=not todo):
-            video = module.sample(
-                [record.prompt],
-                num_frames,
-                height,
-                width,
-                num_steps=num_steps,
-                guidance_scale=guidance_scale,
-                seed=record.seed,
-                use_ema=use_ema,
-            )[0]
-            _write_atomic(record.path, encode_frames(to_uint8_frames(video), fps, ENCODE_OPTIONS))
+        with tqdm(total=len(todo), desc="generating videos", unit="video", disable=not todo) as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                videos = module.sample(
+                    [r.prompt for r in batch],
+                    num_frames,
+                    height,
+                    width,
+                    num_steps=num_steps,
+                    guidance_scale=guidance_scale,
+                    seed=[r.seed for r in batch],
+                    use_ema=use_ema,
+                )
+                for record, video in zip(batch, videos):
+                    _write_atomic(record.path, encode_frames(to_uint8_frames(video), fps, ENCODE_OPTIONS))
+                bar.update(len(batch))
     finally:
         if was_training:
             module.train()

@@ -13,6 +13,9 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``denoiser(x, t) -> prediction``: ``x`` (B, ...), ``t`` float (B,) in [0, 1]; output shaped like x."""
 
+Generators = torch.Generator | Sequence[torch.Generator]
+"""One generator for the whole batch, or one per sample (row ``i`` drawn from ``generators[i]``)."""
+
 
 def expand_like(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View per-sample values (B,) as (B, 1, ..., 1) with ``x.ndim`` dims, on x's device.
@@ -41,15 +44,21 @@ def full_time(t: float, x: torch.Tensor) -> torch.Tensor:
 
 def randn(
     shape: Sequence[int],
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normal noise drawn from ``generator`` (global RNG when None), returned on ``device``.
 
     The draw happens on the generator's own device and is then moved, so a CPU generator gives the
-    same numbers whether the result lives on CPU or GPU.
+    same numbers whether the result lives on CPU or GPU. With one generator per sample, row ``i`` is
+    drawn from ``generator[i]`` alone: a sample's noise does not depend on the rest of its batch.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generators = list(generator)
+        if len(generators) != shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generators])
     draw_device = generator.device if generator is not None else device
     noise = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
     return noise.to(device) if device is not None else noise

@@ -27,7 +27,7 @@ from vdm.diffusion.ddpm import (
     sample_ddpm_timesteps,
 )
 from vdm.diffusion.flow import flow_interpolate, sample_flow_time, shift_for_num_tokens
-from vdm.diffusion.common import Denoiser
+from vdm.diffusion.common import Denoiser, Generators
 from vdm.diffusion.losses import ddpm_loss, flow_loss
 from vdm.diffusion.samplers import ddim_sample, euler_sample, heun_sample
 
@@ -52,7 +52,7 @@ class DiffusionObjective(Protocol):
         *,
         init: torch.Tensor | None = None,
         strength: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -112,7 +112,7 @@ class RectifiedFlow:
         *,
         init: torch.Tensor | None = None,
         strength: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
     ) -> torch.Tensor:
         sampler = euler_sample if self.sampler == "euler" else heun_sample
         return sampler(denoiser, noise, num_steps, self.time_shift(num_tokens), init=init, strength=strength)
@@ -177,7 +177,7 @@ class DDPM:
         *,
         init: torch.Tensor | None = None,
         strength: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
     ) -> torch.Tensor:
         return ddim_sample(
             denoiser,

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from vdm.diffusion.common import Denoiser, full_time, randn
+from vdm.diffusion.common import Denoiser, Generators, full_time, randn
 from vdm.diffusion.ddpm import (
     DDPMSchedule,
     PredictionType,
@@ -176,7 +176,7 @@ def ddim_sample(
     spacing: Spacing = "trailing",
     init: torch.Tensor | None = None,
     strength: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
 ) -> torch.Tensor:
     """DDIM / ancestral sampling over ``ddim_timesteps(N, num_steps, spacing, strength)``.
 

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from vdm.diffusion.common import randn
 from vdm.diffusion.guidance import guided_denoiser
 from vdm.diffusion.objectives import DiffusionObjective
 from vdm.lightning.ema import EMA
@@ -238,7 +239,7 @@ class DiffusionModule(L.LightningModule):
         *,
         num_steps: int = 50,
         guidance_scale: float = 5.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         image: torch.Tensor | None = None,
         init_video: torch.Tensor | None = None,
         strength: float = 1.0,
@@ -246,13 +247,21 @@ class DiffusionModule(L.LightningModule):
     ) -> torch.Tensor:
         """Videos (B, 3, num_frames, height, width) in [-1, 1] for ``prompts`` (seeded).
 
+        ``seed`` is one seed for the whole batch, or one per prompt: then every video's noise comes from
+        its own generator, so a video is the same whichever batch it is sampled in.
+
         ``image`` (B, 3, H, W) in [-1, 1] conditions on a first frame (needs an image-to-video DiT);
         ``init_video`` (B, 3, T, H, W) with ``strength`` < 1 starts from that video noised (SDEdit).
         """
         model = self.ema.module if use_ema else self.dit
         shape = self.vae.latent_shape((len(prompts), 3, num_frames, height, width))
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(shape, generator=generator).to(self.device)
+        if isinstance(seed, int):
+            generator: torch.Generator | list[torch.Generator] = torch.Generator().manual_seed(seed)
+        else:
+            if len(seed) != len(prompts):
+                raise ValueError(f"sample: {len(seed)} seeds for {len(prompts)} prompts")
+            generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+        noise = randn(shape, generator, self.device)
         context, mask = self.text_encoder.encode(list(prompts))
         null, null_mask = self.text_encoder.null_embedding()
         b = len(prompts)
