@@ -29,7 +29,7 @@ def prepare_corpus(cfg: DictConfig) -> None:
 
 def instantiate_trainer(cfg: DictConfig) -> Any:
     """Trainer with the configured callbacks and loggers."""
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

@@ -161,3 +161,16 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config_path.write_text(json.dumps(config))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def i3d_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random-init Kinetics-400 I3D in the public state-dict layout (as i3d_pretrained_400.pt)."""
+    import torch
+
+    from vdm.metrics.i3d import InceptionI3d
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("i3d") / "i3d_pretrained_400.pt"
+    torch.save(InceptionI3d().state_dict(), path)
+    return path

@@ -224,3 +224,38 @@ def test_evaluate_stage2_fvd_caches_reference_statistics(tiny_train_cfg, vae_exp
     protocol = json.loads((tmp_path / "run" / "metrics.json").read_text())["protocol"]["fvd"]
     assert protocol["frames"] == 16 and protocol["resolution"] == 224
     assert protocol["reference_clips"] == 4  # data.val_batches=2 batches of 2
+
+
+def test_training_hooks_log_clip_score_fvd_and_reconstruction_fvd(
+    tiny_train_cfg, vae_export_dir, clip_dir, i3d_path, tmp_path
+):
+    hooks = [f"metrics.i3d_path={i3d_path}", "data.num_frames=9", "logger=csv", "trainer.max_steps=2"]
+    stage2 = [
+        *diffusion_overrides(vae_export_dir),
+        *hooks,
+        f"metrics.clip_path={clip_dir}",
+        "callbacks.generation_metrics.every_n_steps=2",
+        "callbacks.generation_metrics.num_prompts=2",
+        "callbacks.generation_metrics.num_steps=1",
+        "validate=false",
+    ]
+    cfg = tiny_train_cfg(*stage2)
+    metrics = train(cfg)
+    assert {"val/fvd", "val/clip_score", "val/clipsim"} <= metrics.keys()
+    assert metrics["val/fvd"] > 0 and 0 <= metrics["val/clip_score"] <= 100
+    assert Path(cfg.metrics.reference_stats).is_file()  # computed from the validation split, cached
+    logged = next(Path(cfg.paths.output_dir).rglob("metrics.csv")).read_text()
+    assert "val/fvd" in logged.splitlines()[0] and "val/clip_score" in logged.splitlines()[0]
+
+    metrics = train(tiny_train_cfg(*hooks, "model.base_channels=32"))  # stage 1
+    assert metrics["val/rfvd"] > 0
+
+
+def test_metric_weights_are_checked_before_training(tiny_train_cfg, tmp_path):
+    from vdm.utils.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match="metrics.i3d_path: .*missing.pt does not exist"):
+        train(tiny_train_cfg(f"metrics.i3d_path={tmp_path / 'missing.pt'}"))
+    (tmp_path / "i3d.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="data.num_frames: 5, but FVD"):
+        train(tiny_train_cfg(f"metrics.i3d_path={tmp_path / 'i3d.pt'}"))

@@ -26,7 +26,7 @@ from vdm.evaluation import (
     write_report,
 )
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
-from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance
+from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, save_statistics
 from vdm.metrics.i3d import detector_hash, fvd_preprocess, load_i3d
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,28 @@ def clip_metrics(clip_path: str, records: list[GeneratedVideo], num_prompts: int
     return {"clipsim": float(values["clipsim"]), "clip_score": float(values["clip_score"])}, per_prompt
 
 
+def fvd_protocol(i3d_path: str, frames: int, reference_data: Any) -> dict[str, Any]:
+    """The settings real and generated FVD statistics must share; stored with cached reference statistics."""
+    return {
+        "detector_sha256": detector_hash(i3d_path),
+        "frames": frames,
+        "resolution": 224,
+        "reference_data": str(reference_data),
+        "features": "logits",
+    }
+
+
 @torch.no_grad()
+def update_features(
+    detector: torch.nn.Module, videos: torch.Tensor, num_frames: int, stats: FeatureStatistics | None
+) -> FeatureStatistics:
+    """Add the I3D features of ``videos`` (B, 3, T, H, W) in [-1, 1] to ``stats`` (created when None)."""
+    features = detector(fvd_preprocess(videos, num_frames=num_frames)).double()
+    stats = stats if stats is not None else FeatureStatistics(features.shape[1]).to(features.device)
+    stats.update(features)
+    return stats
+
+
 def reference_statistics(
     detector: torch.nn.Module,
     videos: Iterable[torch.Tensor],
@@ -67,14 +88,12 @@ def reference_statistics(
     with ``protocol``; returns the number of clips."""
     stats: FeatureStatistics | None = None
     for batch in videos:
-        features = detector(fvd_preprocess(batch, num_frames=num_frames)).double()
-        stats = stats or FeatureStatistics(features.shape[1])
-        stats.update(features)
+        stats = update_features(detector, batch, num_frames, stats)
     if stats is None:
         raise ValueError("reference statistics: the real data yielded no clips")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(path, protocol)
-    return int(stats.count)
+    gaussian = stats.compute()
+    save_statistics(gaussian, path, protocol)
+    return gaussian.count
 
 
 def real_videos(datamodule: Any) -> Iterator[torch.Tensor]:
@@ -160,13 +179,9 @@ def evaluate_generation(
         metrics.update(overall)
         manifest["clip_model_sha256"] = checkpoint_hash(metrics_cfg.clip_path)
     if metrics_cfg.i3d_path and metrics_cfg.reference_stats:
-        protocol = {
-            "detector_sha256": detector_hash(metrics_cfg.i3d_path),
-            "frames": metrics_cfg.fvd_frames,
-            "resolution": 224,
-            "reference_data": str(getattr(datamodule, "val_shards", None)),
-            "features": "logits",
-        }
+        protocol = fvd_protocol(
+            metrics_cfg.i3d_path, metrics_cfg.fvd_frames, getattr(datamodule, "val_shards", None)
+        )
         metrics["fvd"], reference_clips = fvd_metric(
             metrics_cfg.i3d_path,
             metrics_cfg.reference_stats,

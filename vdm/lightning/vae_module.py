@@ -158,11 +158,12 @@ class VAEModule(L.LightningModule):
         self.log("train/lr", opt_g.param_groups[0]["lr"])
         return loss.detach()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """Updates the validation metrics; returns ``{"x", "x_hat"}`` for callbacks (reconstruction FVD)."""
         # duplicates that only even out the number of batches per rank are not evaluated
         keep = [not meta.get("pad", False) for meta in batch["meta"]]
         if not any(keep):
-            return
+            return None
         x = batch["video"][torch.tensor(keep, device=batch["video"].device)]
         x_hat, posterior = self.model(x, sample_posterior=False)
         x_hat = x_hat.to(x.dtype)  # metrics in the data's precision also under bf16 autocast
@@ -178,6 +179,7 @@ class VAEModule(L.LightningModule):
         if batch_idx == 0:
             n = self.hparams.num_example_videos
             self.val_examples = (x[:n].detach().cpu(), x_hat[:n].detach().clamp(-1, 1).cpu())
+        return {"x": x.detach(), "x_hat": x_hat.detach().clamp(-1, 1)}
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():

@@ -7,6 +7,7 @@ the distance stay generic and testable. All accumulation is float64 sums, which 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,6 +72,21 @@ def _check_features(features: torch.Tensor, dim: int) -> torch.Tensor:
     return features.detach().double()
 
 
+def save_statistics(stats: GaussianStatistics, path: str | Path, protocol: dict[str, Any]) -> None:
+    """Write ``stats`` with their JSON ``protocol`` to ``path`` atomically (temp file, then rename)."""
+    payload = {
+        "mu": stats.mu.cpu(),
+        "sigma": stats.sigma.cpu(),
+        "count": torch.tensor(stats.count, dtype=torch.int64),
+        "protocol": json.dumps(protocol, sort_keys=True),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 class FeatureStatistics(Metric):
     """Streaming mean and unbiased covariance of features (B, D), float64 sums merged exactly across ranks."""
 
@@ -101,15 +117,10 @@ class FeatureStatistics(Metric):
         """Write mu, sigma, count and the feature protocol (detector, frames, resolution...) to ``path``.
 
         This is the cached reference statistics of real data; ``protocol`` must be JSON-serialisable.
+        ``compute()`` merges ranks, so under distribution call it on every rank and let one rank write
+        the result with :func:`save_statistics`.
         """
-        stats = self.compute()
-        payload = {
-            "mu": stats.mu.cpu(),
-            "sigma": stats.sigma.cpu(),
-            "count": torch.tensor(stats.count, dtype=torch.int64),
-            "protocol": json.dumps(protocol, sort_keys=True),
-        }
-        torch.save(payload, Path(path))
+        save_statistics(self.compute(), path, protocol)
 
     @staticmethod
     def load(path: str | Path, expected_protocol: dict[str, Any] | None = None) -> GaussianStatistics:

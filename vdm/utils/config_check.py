@@ -196,6 +196,18 @@ def check_project_rules(cfg: Mapping) -> None:
         _check_vae_shapes(cfg)
     if _get(cfg, "module._target_") == "vdm.lightning.diffusion_module.DiffusionModule":
         _check_diffusion(cfg)
+    _check_metric_weights(cfg)
+
+
+def _check_metric_weights(cfg: Mapping) -> None:
+    """Metric weights exist locally, and FVD's I3D gets enough frames (its logits pool needs >= 9)."""
+    for key in ("metrics.clip_path", "metrics.i3d_path"):
+        path = _get(cfg, key)
+        if path is not None and not Path(str(path)).exists():
+            raise ConfigError(f"{key}: {path} does not exist (weights load from local paths only)")
+    frames = _get(cfg, "data.num_frames")
+    if _get(cfg, "metrics.i3d_path") is not None and isinstance(frames, int) and frames < 9:
+        raise ConfigError(f"data.num_frames: {frames}, but FVD (metrics.i3d_path) needs clips of >= 9 frames")
 
 
 def _check_vae_shapes(cfg: Mapping, vae_key: str = "model") -> None:
