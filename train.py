@@ -9,7 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from vdm.utils.config_check import validate_config
-from vdm.utils.runtime import configure_torch, resolved_config, save_resolved_config, scalar_metrics
+from vdm.utils.runtime import (
+    configure_torch,
+    resolved_config,
+    save_resolved_config,
+    save_run_metrics,
+    scalar_metrics,
+)
 
 log = logging.getLogger("vdm.train")
 
@@ -76,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
     log.info("final metrics: %s", metrics)
+    save_run_metrics(metrics, cfg.paths.output_dir)
     return metrics
 
 

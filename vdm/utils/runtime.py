@@ -59,3 +59,15 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         elif isinstance(value, (int, float)):
             out[key] = float(value)
     return out
+
+
+def save_run_metrics(metrics: Mapping[str, float], output_dir: str | Path) -> Path | None:
+    """Write the run's final ``metrics.json`` (rank zero only); ``vdm.utils.sweeps`` tabulates these."""
+    if _global_rank() != 0:
+        return None
+    import json
+
+    path = Path(output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metrics": dict(metrics)}, sort_keys=True, indent=2) + "\n")
+    return path
