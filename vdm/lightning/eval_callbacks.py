@@ -142,6 +142,11 @@ class GenerationMetrics(L.Callback):
         clip = CLIPScore().to(device) if self._clip is not None else None
         fvd = FrechetVideoDistance(NUM_CLASSES, reference=self._reference).to(device) if self._i3d is not None else None
         mine = self.items(trainer.global_rank, trainer.world_size)
+        # every rank makes the same number of sampling calls (ZeRO-3 gathers weights collectively inside
+        # them): a rank with one video fewer samples a stand-in row that is not scored
+        share = -(-len(self.prompts) * self.videos_per_prompt // trainer.world_size)
+        real = len(mine)
+        mine = mine + [self.items(0, 1)[0]] * (share - real)
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -152,10 +157,13 @@ class GenerationMetrics(L.Callback):
                     pl_module.sample(prompts, *self.shape, num_steps=self.num_steps,
                                      guidance_scale=self.guidance_scale, seed=[s for _, _, s in batch])
                 )
-                if clip is not None:
+                keep = max(0, min(len(batch), real - start))
+                videos, prompts = videos[:keep], prompts[:keep]
+                if clip is not None and keep:
                     clip.update(self._clip(videos, prompts))
-                if fvd is not None:
-                    fvd.update(self._i3d(fvd_preprocess(videos, num_frames=self.fvd_frames)).double(), real=False)
+                if fvd is not None and keep:
+                    features = self._i3d(fvd_preprocess(videos, num_frames=self.fvd_frames))
+                    fvd.update(features.double(), real=False)
         finally:
             pl_module.train(was_training)
         metrics: dict[str, float] = {}
