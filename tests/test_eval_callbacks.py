@@ -27,8 +27,15 @@ SHAPE = dict(num_frames=9, height=32, width=32)
 
 def _trainer(rank: int = 0, world: int = 1, datamodule=None, barrier=lambda name=None: None):
     return SimpleNamespace(
-        global_rank=rank, world_size=world, is_global_zero=rank == 0, datamodule=datamodule, global_step=3,
-        fast_dev_run=False, callback_metrics={}, loggers=[], strategy=SimpleNamespace(barrier=barrier),
+        global_rank=rank,
+        world_size=world,
+        is_global_zero=rank == 0,
+        datamodule=datamodule,
+        global_step=3,
+        fast_dev_run=False,
+        callback_metrics={},
+        loggers=[],
+        strategy=SimpleNamespace(barrier=barrier),
     )
 
 
@@ -45,9 +52,16 @@ def _callback(
     clip_dir: Path | None, i3d: Path | None, reference: Path | None, videos_per_prompt: int = 2
 ) -> GenerationMetrics:
     return GenerationMetrics(
-        prompts=PROMPTS, videos_per_prompt=videos_per_prompt, batch_size=3, num_steps=2, guidance_scale=2.0, seed=5,
-        clip_path=str(clip_dir) if clip_dir else None, i3d_path=str(i3d) if i3d else None,
-        reference_stats=str(reference) if reference else None, **SHAPE,
+        prompts=PROMPTS,
+        videos_per_prompt=videos_per_prompt,
+        batch_size=3,
+        num_steps=2,
+        guidance_scale=2.0,
+        seed=5,
+        clip_path=str(clip_dir) if clip_dir else None,
+        i3d_path=str(i3d) if i3d else None,
+        reference_stats=str(reference) if reference else None,
+        **SHAPE,
     )
 
 
@@ -77,14 +91,22 @@ def test_generation_metrics_equal_direct_computation(
     detector = load_i3d(i3d_path)
     protocol = fvd_protocol(str(i3d_path), 16, dm.val_shards)
     assert reference_statistics(detector, real_videos(dm), 16, tmp_path / "direct.pt", protocol) == 4
-    cached, direct = FeatureStatistics.load(reference, protocol), FeatureStatistics.load(tmp_path / "direct.pt")
+    cached, direct = (
+        FeatureStatistics.load(reference, protocol),
+        FeatureStatistics.load(tmp_path / "direct.pt"),
+    )
     assert cached.count == 4
     torch.testing.assert_close(cached.mu, direct.mu, rtol=1e-9, atol=1e-9)
 
     # the same numbers from the module's samples, scored directly
     items = callback.items(0, 1)
-    videos = module.eval().sample([PROMPTS[i] for i, _, _ in items], **SHAPE, num_steps=2, guidance_scale=2.0,
-                                  seed=[s for _, _, s in items])
+    videos = module.eval().sample(
+        [PROMPTS[i] for i, _, _ in items],
+        **SHAPE,
+        num_steps=2,
+        guidance_scale=2.0,
+        seed=[s for _, _, s in items],
+    )
     videos = ((videos.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     clip = CLIPScore()
     clip.update(CLIPScorer(clip_dir)(videos, [PROMPTS[i] for i, _, _ in items]))
@@ -127,10 +149,17 @@ def test_two_ranks_share_generation_and_equal_one_rank(
     stats = FeatureStatistics(400)
     stats.update(features)
     save_statistics(stats.compute(), reference, fvd_protocol(str(i3d_path), 16, None))
-    paths = {"vae": str(vae_export_dir), "text": str(text_encoder_dir), "clip": str(clip_dir),
-             "i3d": str(i3d_path), "reference": str(reference)}
+    paths = {
+        "vae": str(vae_export_dir),
+        "text": str(text_encoder_dir),
+        "clip": str(clip_dir),
+        "i3d": str(i3d_path),
+        "reference": str(reference),
+    }
     mp.spawn(_rank_metrics, args=(2, _free_port(), paths, str(tmp_path)), nprocs=2, join=True)
-    single = _callback(clip_dir, i3d_path, reference, 1).run(_trainer(), _module(vae_export_dir, text_encoder_dir))
+    single = _callback(clip_dir, i3d_path, reference, 1).run(
+        _trainer(), _module(vae_export_dir, text_encoder_dir)
+    )
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # 3 videos: rank 0 scores two, rank 1 one plus an unscored stand-in, so both make the same calls
     assert [r["videos"] for r in results] == [2, 2]
@@ -152,7 +181,9 @@ def test_reconstruction_fvd_caches_the_real_side(i3d_path, monkeypatch):
     def epoch(x_hat: torch.Tensor) -> float:
         callback.on_validation_epoch_start(trainer, module)
         for i in range(0, 4, 2):
-            callback.on_validation_batch_end(trainer, module, {"x": x[i:i + 2], "x_hat": x_hat[i:i + 2]}, None, i)
+            callback.on_validation_batch_end(
+                trainer, module, {"x": x[i : i + 2], "x_hat": x_hat[i : i + 2]}, None, i
+            )
         callback.on_validation_epoch_end(trainer, module)
         return logged.pop("val/rfvd")
 

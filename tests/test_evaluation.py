@@ -13,11 +13,11 @@ import torch
 
 from tests.test_diffusion_module import make_module
 from vdm.data.encode import encode_frames
+from vdm.utils.checkpoints import checkpoint_hash
 from vdm.evaluation import (
     ENCODE_OPTIONS,
     GeneratedVideo,
     PromptSpec,
-    checkpoint_hash,
     generate_videos,
     read_prompts,
     read_video,

@@ -53,15 +53,28 @@ def test_local_multirun_sweep_then_results_table(tmp_path: Path, synthetic_root:
     sweep_dir = tmp_path / "sweep"
     corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     command = [
-        sys.executable, "train.py", "-m", "optimizer.lr=1e-4,3e-4", f"paths.root_dir={tmp_path}", *corpus,
-        *TINY_RUN, "trainer.max_steps=2", "callbacks=none", "callbacks.vae_export=null",
-        "callbacks.reconstruction_videos=null", "callbacks.reconstruction_fvd=null", f"hydra.sweep.dir={sweep_dir}",
+        sys.executable,
+        "train.py",
+        "-m",
+        "optimizer.lr=1e-4,3e-4",
+        f"paths.root_dir={tmp_path}",
+        *corpus,
+        *TINY_RUN,
+        "trainer.max_steps=2",
+        "callbacks=none",
+        "callbacks.vae_export=null",
+        "callbacks.reconstruction_videos=null",
+        "callbacks.reconstruction_fvd=null",
+        f"hydra.sweep.dir={sweep_dir}",
     ]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     main([str(sweep_dir)])
     rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
-    assert sorted(row["overrides"].split()[0] for row in rows) == ["optimizer.lr=0.0001", "optimizer.lr=0.0003"]
+    assert sorted(row["overrides"].split()[0] for row in rows) == [
+        "optimizer.lr=0.0001",
+        "optimizer.lr=0.0003",
+    ]
     losses = [float(row["val/loss"]) for row in rows]
     assert losses == sorted(losses) and all(row["status"] == "ok" for row in rows)
 
@@ -70,10 +83,20 @@ def test_optuna_search_optimizes_the_metric_train_returns(tmp_path: Path, synthe
     sweep_dir = tmp_path / "optuna"
     corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     command = [
-        sys.executable, "train.py", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.sampler.n_startup_trials=2", f"paths.root_dir={tmp_path}", *corpus, *TINY_RUN,
-        "trainer.max_steps=2", "callbacks=none", "callbacks.vae_export=null", "callbacks.reconstruction_videos=null",
-        "callbacks.reconstruction_fvd=null", f"hydra.sweep.dir={sweep_dir}",
+        sys.executable,
+        "train.py",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"paths.root_dir={tmp_path}",
+        *corpus,
+        *TINY_RUN,
+        "trainer.max_steps=2",
+        "callbacks=none",
+        "callbacks.vae_export=null",
+        "callbacks.reconstruction_videos=null",
+        "callbacks.reconstruction_fvd=null",
+        f"hydra.sweep.dir={sweep_dir}",
     ]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,7 +7,6 @@ a deterministic seed and a fixed file name; a file that exists is kept and score
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 import logging
@@ -193,26 +192,6 @@ def read_video(path: str | Path) -> torch.Tensor:
 
 
 # outputs
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files in relative-path order (paths hashed with the bytes)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for rel, file in files:
-        if path.is_dir():
-            # the names enter the hash so that renaming or moving a file changes it
-            digest.update(rel.encode("utf-8") + b"\0")
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any], manifest: dict[str, Any]) -> Path:

@@ -1,4 +1,4 @@
-"""Metric hooks during training: CLIP score and FVD of generated samples (stage 2), reconstruction FVD (stage 1).
+"""Metric hooks in training: CLIP score and FVD of generated samples (stage 2), reconstruction FVD (stage 1).
 
 Both are shared by all ranks. ``GenerationMetrics`` deals the held-out videos out round-robin, each rank
 samples and scores its share with its own copy of the EMA model, and the metric states (float64 sums)
@@ -74,7 +74,9 @@ class GenerationMetrics(L.Callback):
         if min(every_n_steps, videos_per_prompt, batch_size, num_steps) < 1:
             raise ValueError("every_n_steps, videos_per_prompt, batch_size and num_steps must be >= 1")
         if i3d_path and not reference_stats:
-            raise ValueError("GenerationMetrics: FVD (i3d_path) needs reference_stats, a path to cache them at")
+            raise ValueError(
+                "GenerationMetrics: FVD (i3d_path) needs reference_stats, a path to cache them at"
+            )
         self.clip_path, self.i3d_path, self.reference_stats = clip_path, i3d_path, reference_stats
         texts: list[str] = []
         if prompts:
@@ -84,7 +86,11 @@ class GenerationMetrics(L.Callback):
         elif self.enabled:
             raise ValueError("GenerationMetrics: give `prompts` or `prompts_file`")
         self.prompts = texts[:num_prompts] if num_prompts else texts
-        self.every_n_steps, self.videos_per_prompt, self.batch_size = every_n_steps, videos_per_prompt, batch_size
+        self.every_n_steps, self.videos_per_prompt, self.batch_size = (
+            every_n_steps,
+            videos_per_prompt,
+            batch_size,
+        )
         self.shape = (num_frames, height, width)
         self.num_steps, self.guidance_scale, self.seed = num_steps, guidance_scale, seed
         self.fvd_frames = fvd_frames
@@ -125,7 +131,9 @@ class GenerationMetrics(L.Callback):
             stats = None
             for videos in real_videos(datamodule):
                 stats = update_features(self._i3d, videos.to(device), self.fvd_frames, stats)
-            stats = stats if stats is not None else FeatureStatistics(NUM_CLASSES).to(device)  # a rank with no clips
+            stats = (
+                stats if stats is not None else FeatureStatistics(NUM_CLASSES).to(device)
+            )  # a rank with no clips
             gaussian = stats.compute()  # merges all ranks
             if trainer.is_global_zero:
                 save_statistics(gaussian, path, protocol)
@@ -140,7 +148,11 @@ class GenerationMetrics(L.Callback):
         if self.i3d_path and self._reference is None:
             self._reference = self._reference_statistics(trainer, device)
         clip = CLIPScore().to(device) if self._clip is not None else None
-        fvd = FrechetVideoDistance(NUM_CLASSES, reference=self._reference).to(device) if self._i3d is not None else None
+        fvd = (
+            FrechetVideoDistance(NUM_CLASSES, reference=self._reference).to(device)
+            if self._i3d is not None
+            else None
+        )
         mine = self.items(trainer.global_rank, trainer.world_size)
         # every rank makes the same number of sampling calls (ZeRO-3 gathers weights collectively inside
         # them): a rank with one video fewer samples a stand-in row that is not scored
@@ -154,8 +166,13 @@ class GenerationMetrics(L.Callback):
                 batch = mine[start : start + self.batch_size]
                 prompts = [self.prompts[i] for i, _, _ in batch]
                 videos = _quantize(
-                    pl_module.sample(prompts, *self.shape, num_steps=self.num_steps,
-                                     guidance_scale=self.guidance_scale, seed=[s for _, _, s in batch])
+                    pl_module.sample(
+                        prompts,
+                        *self.shape,
+                        num_steps=self.num_steps,
+                        guidance_scale=self.guidance_scale,
+                        seed=[s for _, _, s in batch],
+                    )
                 )
                 keep = max(0, min(len(batch), real - start))
                 videos, prompts = videos[:keep], prompts[:keep]
@@ -169,7 +186,9 @@ class GenerationMetrics(L.Callback):
         metrics: dict[str, float] = {}
         if clip is not None:  # compute() merges the ranks' sums: every rank calls it
             values = clip.compute()
-            metrics.update({"val/clip_score": float(values["clip_score"]), "val/clipsim": float(values["clipsim"])})
+            metrics.update(
+                {"val/clip_score": float(values["clip_score"]), "val/clipsim": float(values["clipsim"])}
+            )
         if fvd is not None:
             metrics["val/fvd"] = float(fvd.compute())
         _publish(trainer, metrics)

@@ -18,7 +18,6 @@ import torch
 
 from vdm.evaluation import (
     GeneratedVideo,
-    checkpoint_hash,
     generate_videos,
     read_prompts,
     read_video,
@@ -28,16 +27,17 @@ from vdm.evaluation import (
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, save_statistics
 from vdm.metrics.i3d import detector_hash, fvd_preprocess, load_i3d
+from vdm.utils.checkpoints import LoadedCheckpoint, checkpoint_hash
 
 log = logging.getLogger(__name__)
 
 
-def load_weights(module: torch.nn.Module, ckpt_path: Path) -> str:
-    """Load a Lightning checkpoint's weights into ``module`` (strict, VAE hash checked); returns its hash."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    module.on_load_checkpoint(checkpoint)  # puts the export's VAE weights back, refuses another VAE
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
-    return checkpoint_hash(ckpt_path)
+def load_weights(module: torch.nn.Module, checkpoint: LoadedCheckpoint) -> None:
+    """Put a loaded checkpoint's weights into ``module`` (strict; the module's own checks run first, e.g.
+    stage 2 refuses a checkpoint trained on another VAE and restores the frozen VAE's weights)."""
+    lightning_checkpoint = {**checkpoint.meta, "state_dict": dict(checkpoint.state_dict)}
+    module.on_load_checkpoint(lightning_checkpoint)
+    module.load_state_dict(lightning_checkpoint["state_dict"], strict=True)
 
 
 @torch.no_grad()
@@ -134,11 +134,16 @@ def fvd_metric(
 
 
 def evaluate_generation(
-    module: Any, cfg: Any, ckpt_path: Path, out_dir: Path, datamodule: Any = None
+    module: Any,
+    cfg: Any,
+    ckpt_path: Path,
+    checkpoint: LoadedCheckpoint,
+    out_dir: Path,
+    datamodule: Any = None,
 ) -> dict[str, float]:
     """Generate, score, and write ``videos/``, ``metrics.json`` and ``report.html`` into ``out_dir``."""
     gen, metrics_cfg = cfg.generation, cfg.metrics
-    ckpt_hash = load_weights(module, ckpt_path)
+    load_weights(module, checkpoint)
     prompts = read_prompts(gen.prompts_file)[: gen.max_prompts or None]
     records = generate_videos(
         module,
@@ -156,7 +161,9 @@ def evaluate_generation(
     )
     manifest: dict[str, Any] = {
         "checkpoint": str(ckpt_path.resolve()),
-        "checkpoint_sha256": ckpt_hash,
+        "checkpoint_sha256": checkpoint.sha256,
+        "checkpoint_format": checkpoint.format,
+        "global_step": checkpoint.meta.get("global_step"),
         "vae_hash": module.vae_hash,
         "prompts_file": str(gen.prompts_file),
         "num_prompts": len(prompts),

@@ -79,8 +79,12 @@ def _columns(runs: list[RunResult], metric: str) -> list[str]:
 
 
 def _row(i: int, run: RunResult, columns: list[str], root: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"rank": i, "run": run.run_dir.relative_to(root).as_posix(), "status": run.status,
-                           "overrides": " ".join(run.overrides)}
+    row: dict[str, Any] = {
+        "rank": i,
+        "run": run.run_dir.relative_to(root).as_posix(),
+        "status": run.status,
+        "overrides": " ".join(run.overrides),
+    }
     for col in columns[3:-1]:
         value = run.metrics.get(col)
         row[col] = "" if value is None else f"{value:.6g}"
@@ -110,15 +114,23 @@ def write_tables(runs: list[RunResult], metric: str, root: str | Path) -> tuple[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir", help="a Hydra multirun directory (logs/train/multiruns/<time>)")
-    parser.add_argument("--metric", default=None, help="metric to sort by (default: the sweep's optimized_metric)")
+    parser.add_argument(
+        "--metric", default=None, help="metric to sort by (default: the sweep's optimized_metric)"
+    )
     parser.add_argument("--mode", choices=("min", "max"), default="min", help="min: lower is better")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = collect(args.multirun_dir)
     metric = args.metric or _optimized_metric(runs)
     csv_path, md_path = write_tables(rank(runs, metric, args.mode), metric, args.multirun_dir)
-    log.info("%d runs (%d failed) ranked by %s: %s, %s", len(runs), sum(r.status == "failed" for r in runs),
-             metric, csv_path, md_path)
+    log.info(
+        "%d runs (%d failed) ranked by %s: %s, %s",
+        len(runs),
+        sum(r.status == "failed" for r in runs),
+        metric,
+        csv_path,
+        md_path,
+    )
     log.info("%s", md_path.read_text())
 
 

@@ -1,0 +1,83 @@
+"""DeepSpeed through Lightning on CPU (gloo), for tests and CPU debugging.
+
+On CUDA use Lightning's ``DeepSpeedStrategy`` directly; this subclass only lifts the checks that make it
+CUDA-only so that DeepSpeed's real ZeRO-1/2/3 code paths (partitioning, checkpoint shards, fp32
+consolidation) can be exercised on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies.ddp import DDPStrategy
+
+log = logging.getLogger(__name__)
+
+_UNSUPPORTED_CPU_PRECISION = ("16-mixed", "16-true")
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """``DeepSpeedStrategy`` that runs on ``CPUAccelerator`` with the gloo backend.
+
+    Requires ``DS_ACCELERATOR=cpu`` in the environment before ``deepspeed`` is first imported (DeepSpeed picks
+    its accelerator once, on first use; this class checks and never sets it). Use with ``Trainer(
+    accelerator="cpu", strategy=CPUDeepSpeedStrategy(stage=...), precision="32-true" | "bf16-mixed")``.
+
+    Overrides, and why (Lightning 2.6, DeepSpeed 0.19):
+
+    - ``setup_environment``: ``DeepSpeedStrategy.setup_environment`` raises unless the accelerator is a
+      ``CUDAAccelerator``. Here a ``CPUAccelerator`` is required instead, and the rest of the parent chain
+      (``DDPStrategy.setup_environment``: device setup, then ``setup_distributed``) runs unchanged.
+    - Before that, the CPU ``parallel_devices`` get explicit indices (``cpu:0 .. cpu:N-1``, one per local
+      rank). Lightning's CPU devices have ``index=None``, which breaks two CUDA assumptions of the parent:
+      ``setup_distributed`` validates that device indices equal ``range(num_devices)``, and
+      ``deepspeed.initialize`` receives ``device_rank=root_device.index`` and compares it with 0
+      (``TypeError`` on ``None``). ``cpu:<i>`` is the same device as ``cpu`` for every tensor operation.
+    - fp16 (``16-mixed``/``16-true``) is refused at setup with a clear error. DeepSpeed's CPU accelerator
+      enables fp16 only where oneDNN has fp16 kernels (``is_fp16_supported()``: CPUs with AVX512-FP16), so
+      an fp16 CPU run would work on some machines and fail on others; fp32 and bf16 work everywhere.
+
+    Everything else (gloo process group via ``deepspeed.init_distributed``, config, checkpoint save/load) is
+    the parent's code. On a non-CPU accelerator the strategy refuses to run rather than guess.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if os.environ.get("DS_ACCELERATOR") != "cpu":
+            raise RuntimeError(
+                "CPUDeepSpeedStrategy needs DS_ACCELERATOR=cpu in the environment before deepspeed is "
+                f"imported (found DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); on CUDA use "
+                "lightning.pytorch.strategies.DeepSpeedStrategy"
+            )
+        super().__init__(*args, **kwargs)  # imports deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        name = get_accelerator().device_name()
+        if name != "cpu":
+            raise RuntimeError(
+                f"deepspeed already chose the {name!r} accelerator (it was first used before "
+                "DS_ACCELERATOR=cpu was set): set DS_ACCELERATOR=cpu before the process imports deepspeed"
+            )
+
+    def setup_environment(self) -> None:
+        """Check the CPU set-up, index the CPU devices, then run ``DDPStrategy.setup_environment``."""
+        if not isinstance(self.accelerator, CPUAccelerator):
+            raise RuntimeError(
+                f"CPUDeepSpeedStrategy runs on CPUAccelerator only, got {type(self.accelerator).__name__}; "
+                "on CUDA use lightning.pytorch.strategies.DeepSpeedStrategy"
+            )
+        precision = self.precision_plugin.precision
+        if precision in _UNSUPPORTED_CPU_PRECISION:
+            raise ValueError(
+                f"precision={precision!r} is not supported by CPUDeepSpeedStrategy (DeepSpeed's fp16 on CPU "
+                "depends on the CPU's oneDNN fp16 support): use '32-true', 'bf16-mixed' or 'bf16-true'"
+            )
+        assert self.parallel_devices is not None
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
+        log.debug("DeepSpeed on CPU: %d local process(es), backend gloo", len(self.parallel_devices))
+        # skip DeepSpeedStrategy's CUDA-only check, keep the rest of the chain
+        DDPStrategy.setup_environment(self)
