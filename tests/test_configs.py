@@ -14,7 +14,12 @@ from vdm.utils.config_check import ConfigError, validate_config
 
 ROOT = CONF_DIR.parent
 # groups whose options need more than the defaults to compose meaningfully
-NEEDS = {("data", "shards"): ["corpus.root=/corpus"], ("data", "latents"): ["latents.root=/latents"]}
+NO_GAN = ["module.discriminator=null", "module.disc_optimizer=null"]  # DeepSpeed drives one optimizer
+NEEDS = {
+    ("data", "shards"): ["corpus.root=/corpus"],
+    ("data", "latents"): ["latents.root=/latents"],
+    **{("strategy", f"deepspeed_stage_{s}"): NO_GAN for s in ("2", "3", "3_offload")},
+}
 STAGE2 = ["stage=diffusion", "model.vae_export={export}"]  # options of stage 2 need a VAE export
 SKIP_GROUPS = {"hydra", "local"}
 
@@ -150,3 +155,11 @@ def test_bad_stage2_values_fail_naming_the_key(overrides, message, tmp_path, vae
     cfg = compose_config("train", [*stage2, *overrides], tmp_path)
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
+
+
+def test_deepspeed_refuses_stage_one_with_its_gan(tmp_path):
+    cfg = compose_config("train", ["strategy=deepspeed_stage_2"], tmp_path)
+    with pytest.raises(ConfigError, match="module.discriminator: DeepSpeed drives a single optimizer"):
+        validate_config(cfg)
+    validate_config(compose_config("train", ["strategy=deepspeed_stage_2", *NO_GAN], tmp_path))
+    validate_config(compose_config("train", ["strategy=fsdp"], tmp_path))

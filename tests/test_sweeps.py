@@ -49,26 +49,20 @@ def test_results_are_ranked_with_failed_and_nan_runs_last(tmp_path: Path) -> Non
         rank(runs, "val/fvd")
 
 
-def test_local_multirun_sweep_then_results_table(tmp_path: Path, synthetic_root: Path) -> None:
-    sweep_dir = tmp_path / "sweep"
+def _sweep(tmp_path: Path, synthetic_root: Path, sweep_dir: Path, *sweep: str) -> None:
+    """Run ``train.py`` with ``sweep`` overrides on the tiny stage-1 config (no callbacks) into ``sweep_dir``."""
     corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
-    command = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "optimizer.lr=1e-4,3e-4",
-        f"paths.root_dir={tmp_path}",
-        *corpus,
-        *TINY_RUN,
-        "trainer.max_steps=2",
-        "callbacks=none",
-        "callbacks.vae_export=null",
-        "callbacks.reconstruction_videos=null",
-        "callbacks.reconstruction_fvd=null",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+    tiny = [*TINY_RUN, "trainer.max_steps=2", "callbacks=none"]
+    stage_callbacks = ["vae_export", "reconstruction_videos", "reconstruction_fvd"]
+    command = [sys.executable, "train.py", *sweep, f"paths.root_dir={tmp_path}", *corpus, *tiny]
+    command += [f"callbacks.{name}=null" for name in stage_callbacks] + [f"hydra.sweep.dir={sweep_dir}"]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_local_multirun_sweep_then_results_table(tmp_path: Path, synthetic_root: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    _sweep(tmp_path, synthetic_root, sweep_dir, "-m", "optimizer.lr=1e-4,3e-4")
     main([str(sweep_dir)])
     rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
     assert sorted(row["overrides"].split()[0] for row in rows) == [
@@ -81,25 +75,8 @@ def test_local_multirun_sweep_then_results_table(tmp_path: Path, synthetic_root:
 
 def test_optuna_search_optimizes_the_metric_train_returns(tmp_path: Path, synthetic_root: Path) -> None:
     sweep_dir = tmp_path / "optuna"
-    corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
-    command = [
-        sys.executable,
-        "train.py",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        f"paths.root_dir={tmp_path}",
-        *corpus,
-        *TINY_RUN,
-        "trainer.max_steps=2",
-        "callbacks=none",
-        "callbacks.vae_export=null",
-        "callbacks.reconstruction_videos=null",
-        "callbacks.reconstruction_fvd=null",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2"]
+    _sweep(tmp_path, synthetic_root, sweep_dir, *search)
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     losses = [r.metrics["val/loss"] for r in collect(sweep_dir)]
     assert len(losses) == 3 and best["best_value"] == pytest.approx(min(losses), rel=1e-6)

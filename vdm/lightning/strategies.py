@@ -1,4 +1,4 @@
-"""DeepSpeed through Lightning on CPU (gloo), for tests and CPU debugging.
+"""Strategy helpers: DeepSpeed through Lightning on CPU (gloo) for tests, and FSDP policies from YAML.
 
 On CUDA use Lightning's ``DeepSpeedStrategy`` directly; this subclass only lifts the checks that make it
 CUDA-only so that DeepSpeed's real ZeRO-1/2/3 code paths (partitioning, checkpoint shards, fp32
@@ -7,13 +7,15 @@ consolidation) can be exercised on a machine without a GPU.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
 log = logging.getLogger(__name__)
@@ -81,3 +83,29 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         log.debug("DeepSpeed on CPU: %d local process(es), backend gloo", len(self.parallel_devices))
         # skip DeepSpeedStrategy's CUDA-only check, keep the rest of the chain
         DDPStrategy.setup_environment(self)
+
+
+def _import_class(path: str) -> type[torch.nn.Module]:
+    module_name, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise ValueError(f"fsdp: {path!r} is not an nn.Module class")
+    return cls
+
+
+def fsdp_strategy(
+    wrap_modules: Sequence[str] = (),
+    checkpoint_modules: Sequence[str] = (),
+    **kwargs: Any,
+) -> FSDPStrategy:
+    """Lightning's ``FSDPStrategy`` with its wrap and activation-checkpointing policies given as class paths.
+
+    YAML cannot hold classes; ``wrap_modules`` (e.g. ``vdm.models.dit_layers.DiTBlock``) become the set of
+    module types each wrapped in its own FSDP unit, ``checkpoint_modules`` those whose activations are
+    recomputed in backward. Other keyword arguments go to ``FSDPStrategy`` unchanged.
+    """
+    wrap = {_import_class(p) for p in wrap_modules}
+    ckpt = {_import_class(p) for p in checkpoint_modules}
+    return FSDPStrategy(
+        auto_wrap_policy=wrap or None, activation_checkpointing_policy=ckpt or None, **kwargs
+    )

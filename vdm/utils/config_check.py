@@ -197,8 +197,19 @@ def check_project_rules(cfg: Mapping) -> None:
     if _get(cfg, "module._target_") == "vdm.lightning.diffusion_module.DiffusionModule":
         _check_diffusion(cfg)
     _check_metric_weights(cfg)
+    _check_strategy(cfg)
 
 
+def _check_strategy(cfg: Mapping) -> None:
+    """Combinations a strategy cannot serve fail here, not at the first step."""
+    strategy = _get(cfg, "trainer.strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else str(strategy or "")
+    if "deepspeed" in target.lower() and _get(cfg, "module.discriminator") is not None:
+        raise ConfigError(
+            "module.discriminator: DeepSpeed drives a single optimizer, but stage 1 with its GAN has two; "
+            "use strategy=ddp or strategy=fsdp, or train without the GAN (module.discriminator=null "
+            "module.disc_optimizer=null)"
+        )
 def _check_metric_weights(cfg: Mapping) -> None:
     """Metric weights exist locally, and FVD's I3D gets enough frames (its logits pool needs >= 9)."""
     for key in ("metrics.clip_path", "metrics.i3d_path"):
