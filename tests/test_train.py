@@ -194,6 +194,7 @@ def test_evaluate_stage2_checkpoint_writes_videos_metrics_and_report(
     protocol = saved["protocol"]
     assert protocol["num_videos"] == 4 and len(protocol["seeds"]) == 4 and protocol["ema"] is True
     assert protocol["checkpoint_sha256"] and protocol["vae_hash"] and protocol["num_steps"] == 2
+    assert protocol["sampler"] == "euler" and protocol["checkpoint_format"] == "lightning"
     report = (out / "report.html").read_text()
     assert report.count("<video") == 4 and "data:video/mp4;base64," in report
 

@@ -40,6 +40,13 @@ def load_weights(module: torch.nn.Module, checkpoint: LoadedCheckpoint) -> None:
     module.load_state_dict(lightning_checkpoint["state_dict"], strict=True)
 
 
+def sampler_name(objective: Any) -> str:
+    """``euler``/``heun`` for rectified flow; ``ddim(eta=...)`` for DDPM (its only sampler)."""
+    if hasattr(objective, "sampler"):
+        return str(objective.sampler)
+    return f"ddim(eta={getattr(objective, 'eta', 0.0)})"
+
+
 @torch.no_grad()
 def clip_metrics(clip_path: str, records: list[GeneratedVideo], num_prompts: int) -> tuple[dict, dict]:
     """(overall {"clipsim", "clip_score"}, per-prompt clip_score by prompt text)."""
@@ -174,6 +181,7 @@ def evaluate_generation(
         "height": gen.height,
         "width": gen.width,
         "objective": repr(module.objective),
+        "sampler": sampler_name(module.objective),
         "num_steps": gen.num_steps,
         "guidance_scale": gen.guidance_scale,
         "ema": gen.use_ema,
