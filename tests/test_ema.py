@@ -84,3 +84,29 @@ def test_invalid_arguments() -> None:
         EMA(Tiny(), decay=1.0)
     with pytest.raises(ValueError, match="every"):
         EMA(Tiny(), every=0)
+
+
+def test_update_groups_and_gather_context():
+    from contextlib import contextmanager
+
+    from vdm.lightning.ema import _groups
+
+    assert list(_groups([3, 3, 10, 1], limit=6)) == [(0, 2), (2, 3), (3, 4)]
+    assert list(_groups([], limit=6)) == []
+    torch.manual_seed(0)
+    model, gathered = Tiny(), []
+
+    @contextmanager
+    def gather(params):
+        gathered.append([id(p) for p in params])
+        yield
+
+    plain, sharded = EMA(model, decay=0.9, warmup=0), EMA(model, decay=0.9, warmup=0)
+    for step in (1, 2):
+        with torch.no_grad():
+            model.linear.weight.add_(1.0)
+        plain.update(model, step)
+        sharded.update(model, step, gather=gather)
+    assert sorted(i for group in gathered[:1] for i in group) == sorted(id(p) for p in model.parameters())
+    for a, b in zip(plain.state_dict().values(), sharded.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -93,7 +93,12 @@ class DiffusionModule(L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "loss_ema")})
 
     def setup(self, stage: str) -> None:
-        """Precomputed text embeddings must come from this run's text encoder."""
+        """Under DeepSpeed the EMA leaves the module tree; precomputed text embeddings must come from this
+        run's text encoder."""
+        if _is_deepspeed(self.trainer.strategy) and "ema" in self._modules:
+            # DeepSpeed casts the whole module to bf16 and ZeRO-3 shards it: the average must stay a whole
+            # fp32 copy on every rank, so it is kept outside and checkpointed in the client state
+            object.__setattr__(self, "ema", self._modules.pop("ema"))
         datamodule = getattr(self.trainer, "datamodule", None)
         read = getattr(datamodule, "read_latent_info", None)
         if read is None:
@@ -118,7 +123,7 @@ class DiffusionModule(L.LightningModule):
         if "latent" in batch:
             z = batch["latent"]
         else:
-            z = self.vae.encode(batch["video"]).mode()
+            z = self.vae.encode(batch["video"].to(param_dtype(self.vae))).mode()
         return (z.float() - self.latent_mean) / self.latent_std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -157,7 +162,8 @@ class DiffusionModule(L.LightningModule):
                 torch.zeros(z.shape[0], dtype=torch.bool, device=z.device) if use_image is None else use_image
             )
             x_t = torch.cat([x_t, image_condition(z, use).to(x_t)], dim=1)
-        prediction = model(x_t, t, context, mask)
+        dtype = param_dtype(model)  # fp32 params (autocast does the rest), or bf16 ones under DeepSpeed
+        prediction = model(x_t.to(dtype), t, context.to(dtype), mask)
         return self.objective.loss(prediction.float(), z, noise, t).mean()
 
     def draw(self, z: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -201,13 +207,29 @@ class DiffusionModule(L.LightningModule):
                 optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
             )
 
+    @property
+    def ema_detached(self) -> bool:
+        """True once ``setup`` has taken the EMA out of the module tree (DeepSpeed)."""
+        return "ema" not in self._modules
+
+    def _ema_on_device(self) -> None:
+        if self.ema_detached and self.ema.averaged.n_averaged.device != self.device:
+            self.ema.to(self.device)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.ema.update(self.dit, self.global_step)
+        self._ema_on_device()
+        gather = None
+        if any(hasattr(p, "ds_id") for p in self.dit.parameters()):  # ZeRO-3 shards: gathered per group
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters
+        self.ema.update(self.dit, self.global_step, gather=gather)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         keep = [not meta.get("pad", False) for meta in batch["meta"]]
         if not any(keep):
             return
+        self._ema_on_device()
         z = self.normalized_latents(batch)
         # the same noise, times and (no) caption drops for every evaluation: comparable across steps
         generator = torch.Generator().manual_seed(10_000 + batch_idx)
@@ -253,7 +275,9 @@ class DiffusionModule(L.LightningModule):
         ``image`` (B, 3, H, W) in [-1, 1] conditions on a first frame (needs an image-to-video DiT);
         ``init_video`` (B, 3, T, H, W) with ``strength`` < 1 starts from that video noised (SDEdit).
         """
+        self._ema_on_device()
         model = self.ema.module if use_ema else self.dit
+        dtype = param_dtype(model)
         shape = self.vae.latent_shape((len(prompts), 3, num_frames, height, width))
         if isinstance(seed, int):
             generator: torch.Generator | list[torch.Generator] = torch.Generator().manual_seed(seed)
@@ -277,7 +301,7 @@ class DiffusionModule(L.LightningModule):
             use = torch.full((b,), image is not None, device=self.device)
             first = torch.zeros(shape, device=self.device)
             if image is not None:
-                z_img = self.vae.encode(image.to(self.device).unsqueeze(2)).mode()
+                z_img = self.vae.encode(image.to(self.device, param_dtype(self.vae)).unsqueeze(2)).mode()
                 first[:, :, :1] = (z_img.float() - self.latent_mean) / self.latent_std
             extra = image_condition(first, use)
 
@@ -286,12 +310,12 @@ class DiffusionModule(L.LightningModule):
         ) -> torch.Tensor:
             if extra is not None:
                 x = torch.cat([x, extra.repeat(x.shape[0] // b, 1, 1, 1, 1).to(x)], dim=1)
-            return model(x, t, context, context_mask).float()
+            return model(x.to(dtype), t, context.to(dtype), context_mask).float()
 
         init = None
         if init_video is not None:
             init = (
-                self.vae.encode(init_video.to(self.device)).mode().float() - self.latent_mean
+                self.vae.encode(init_video.to(self.device, param_dtype(self.vae))).mode().float() - self.latent_mean
             ) / self.latent_std
         denoiser = guided_denoiser(model_fn, cond, uncond, guidance_scale)
         z = self.objective.sample(
@@ -303,7 +327,7 @@ class DiffusionModule(L.LightningModule):
             strength=strength,
             generator=generator,
         )
-        return self.vae.decode(self.denormalize(z).to(self.dtype)).float().clamp(-1, 1)
+        return self.vae.decode(self.denormalize(z).to(param_dtype(self.vae))).float().clamp(-1, 1)
 
     # optimisation and checkpoints
 
@@ -321,6 +345,8 @@ class DiffusionModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("vae.")]:
             del state[key]
+        if self.ema_detached:  # DeepSpeed saves the client state, not state_dict: the EMA goes there
+            checkpoint["ema_state_dict"] = {f"ema.{k}": v.detach().cpu() for k, v in self.ema.state_dict().items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("vae_hash")
@@ -329,8 +355,23 @@ class DiffusionModule(L.LightningModule):
                 f"checkpoint was trained on VAE {saved[:12]} but model.vae_export has VAE "
                 f"{self.vae_hash[:12]}"
             )
+        state = checkpoint.setdefault("state_dict", {})
         for key, value in self.vae.state_dict().items():
-            checkpoint["state_dict"][f"vae.{key}"] = value
+            state[f"vae.{key}"] = value
+        state.update(checkpoint.pop("ema_state_dict", {}))
+        if self.ema_detached:  # the EMA is not in the module's state dict: load it here
+            ema = {k.removeprefix("ema."): state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
+            if ema:
+                self.ema.load_state_dict(ema, strict=True)
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    """dtype of a module's floating-point parameters (what its inputs are cast to)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    return any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
 
 
 def _check_compatible(dit: torch.nn.Module, channels: int, text_dim: int, i2v_probability: float) -> None:

@@ -13,11 +13,35 @@ LightningModule's state dict, and sampling uses it like the model itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
+
+Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+#: elements of sharded parameters made whole at once during an update (see ``EMA.update``)
+GATHER_NUMEL = 50_000_000
+
+
+def _full_numel(t: torch.Tensor) -> int:
+    """Elements of a tensor, or of the whole parameter a ZeRO-3 shard belongs to (``ds_numel``)."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
+def _groups(sizes: list[int], limit: int = GATHER_NUMEL) -> Iterator[tuple[int, int]]:
+    """Consecutive index ranges whose sizes sum to at most ``limit`` (a larger single tensor alone)."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            yield start, i
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield start, len(sizes)
 
 
 def ema_decay(num_updates: int, decay: float, warmup: int, every: int = 1) -> float:
@@ -62,8 +86,9 @@ class EMA(nn.Module):
     def _multi_avg(
         self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
     ) -> None:
-        # num_averaged counts earlier updates: this one is update n = num_averaged + 1
-        weight = 1.0 - ema_decay(int(num_averaged.item()) + 1, self.decay, self.warmup, self.every)
+        # num_averaged counts earlier updates: this one is update n = num_averaged + 1; the first copies
+        n = int(num_averaged.item()) + 1
+        weight = 1.0 if n == 1 else 1.0 - ema_decay(n, self.decay, self.warmup, self.every)
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [c.to(a.dtype) for a, c in floats], weight)
@@ -72,11 +97,25 @@ class EMA(nn.Module):
                 a.copy_(c)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> bool:
-        """Average ``model`` in when ``step`` (optimizer steps done, >= 1) is a multiple of ``every``."""
+    def update(self, model: nn.Module, step: int, gather: Gather | None = None) -> bool:
+        """Average ``model`` in when ``step`` (optimizer steps done, >= 1) is a multiple of ``every``.
+
+        ``gather(params)`` is a context manager that makes sharded parameters whole while the average
+        reads them (DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters``); it is entered for groups of
+        at most ``GATHER_NUMEL`` elements, so a sharded model is never materialised at once.
+        """
         if step % self.every != 0:
             return False
-        self.averaged.update_parameters(model)
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA of a model with {len(mine)} tensors updated from one with {len(theirs)}")
+        for start, stop in _groups([t.numel() if gather is None else _full_numel(t) for t in mine]):
+            params = [t for t in theirs[start:stop] if isinstance(t, nn.Parameter)]
+            with gather(params) if gather is not None else contextlib.nullcontext():
+                self._multi_avg(mine[start:stop], [t.detach() for t in theirs[start:stop]],
+                                self.averaged.n_averaged)
+        self.averaged.n_averaged += 1
         return True
 
     def train(self, mode: bool = True) -> EMA:

@@ -193,7 +193,7 @@ def _load_lightning(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     ckpt = _safe_torch_load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (expected a dict with a 'state_dict' key)")
-    return dict(ckpt["state_dict"]), _json_meta(ckpt, path)
+    return {**ckpt["state_dict"], **_client_tensors(ckpt)}, _json_meta(ckpt, path)
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -297,7 +297,8 @@ def _load_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         for line in captured.getvalue().splitlines():
             log.debug("zero_to_fp32: %s", line)
     # zero_to_fp32 returns frozen parameters (e.g. EMA weights) in the training dtype (bf16): fp32 for all
-    state_dict = {_strip_prefix(k): v.float() if v.is_floating_point() else v for k, v in merged.items()}
+    merged = {**{_strip_prefix(k): v for k, v in merged.items()}, **_client_tensors(states)}
+    state_dict = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in merged.items()}
     meta = _json_meta(states, path)
     stage = ((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
     meta["deepspeed"] = {
@@ -307,6 +308,13 @@ def _load_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "tag": tag,
     }
     return state_dict, meta
+
+
+def _client_tensors(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights a module keeps in the checkpoint beside ``state_dict`` (``ema_state_dict``: the fp32 EMA that
+    vdm holds outside a DeepSpeed engine), under their module state-dict keys."""
+    extra = checkpoint.get("ema_state_dict") or {}
+    return {str(k): v for k, v in extra.items() if isinstance(v, torch.Tensor)}
 
 
 def _strip_prefix(key: str) -> str:
