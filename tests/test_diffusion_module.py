@@ -197,3 +197,15 @@ def test_mismatched_dit_or_checkpoint_fails_with_the_fix(vae_export_dir, text_en
     module = make_module(vae_export_dir, text_encoder_dir)
     with pytest.raises(ValueError, match="trained on VAE"):
         module.on_load_checkpoint({"vae_hash": "0" * 64, "state_dict": {}})
+
+
+def test_training_draws_follow_the_sample_not_its_batch(vae_export_dir, text_encoder_dir):
+    module = make_module(vae_export_dir, text_encoder_dir, caption_dropout=0.5)
+    z = torch.zeros(3, 16, 2, 4, 4)
+    both = module.draw(z, module.sample_generators({"key": ["a", "b", "c"]}, "train/3"))
+    alone = module.draw(z[:1], module.sample_generators({"key": ["b"]}, "train/3"))
+    for name in ("noise", "t", "drop"):
+        assert torch.equal(both[name][1:2], alone[name]), name
+    later = module.draw(z[:1], module.sample_generators({"key": ["b"]}, "train/4"))
+    assert not torch.equal(later["noise"], alone["noise"])  # a new step draws anew
+    assert module.sample_generators({"video": z}, "train/3") is None

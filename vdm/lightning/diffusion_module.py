@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from vdm.diffusion.common import randn
+from vdm.diffusion.common import Generators, randn
 from vdm.diffusion.guidance import guided_denoiser
 from vdm.diffusion.objectives import DiffusionObjective
 from vdm.lightning.ema import EMA
@@ -166,19 +167,40 @@ class DiffusionModule(L.LightningModule):
         prediction = model(x_t.to(dtype), t, context.to(dtype), mask)
         return self.objective.loss(prediction.float(), z, noise, t).mean()
 
-    def draw(self, z: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The random parts of one training step: noise, times, caption drops, image conditioning."""
+    def draw(self, z: torch.Tensor, generator: Generators | None = None) -> dict[str, torch.Tensor]:
+        """The random parts of one training step: noise, times, caption drops, image conditioning.
+
+        With one generator per sample, each sample's draws come from its own generator only.
+        """
         b, device = z.shape[0], z.device
         num_tokens = self.num_tokens(z.shape[2:])
-        noise = torch.randn(z.shape, generator=generator, device="cpu").to(device)
-        t = self.objective.sample_time(b, num_tokens, generator=generator).to(device)
-        u = torch.rand(2, b, generator=generator).to(device)
+        if generator is None or isinstance(generator, torch.Generator):
+            noise = torch.randn(z.shape, generator=generator, device="cpu").to(device)
+            t = self.objective.sample_time(b, num_tokens, generator=generator).to(device)
+            u = torch.rand(2, b, generator=generator).to(device)
+        else:
+            noise = randn(z.shape, generator, device)
+            t = torch.cat([self.objective.sample_time(1, num_tokens, generator=g) for g in generator]).to(device)
+            u = torch.stack([torch.rand(2, generator=g) for g in generator], dim=1).to(device)
         return {
             "noise": noise,
             "t": t,
             "drop": u[0] < self.hparams.caption_dropout,
             "use_image": u[1] < self.hparams.i2v_probability,
         }
+
+    def sample_generators(self, batch: dict[str, Any], salt: str) -> list[torch.Generator] | None:
+        """One generator per sample, seeded by (run seed, sample key, ``salt``); None for batches without keys.
+
+        The draws of a sample then depend on what it is and when it is seen, not on its rank, position or
+        batch: a run on N ranks draws what one process with the same global batch draws, and a resumed
+        run draws what the uninterrupted one did, with no RNG state to restore.
+        """
+        keys = batch.get("key")
+        if not keys:
+            return None
+        base = torch.initial_seed()  # set by seed_everything(cfg.seed), the same on every rank
+        return [torch.Generator().manual_seed(keyed_seed(base, str(k), salt)) for k in keys]
 
     def num_tokens(self, latent_thw: Sequence[int]) -> int:
         pt, ph, pw = self.dit.patch_size
@@ -187,7 +209,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z = self.normalized_latents(batch)
-        rnd = self.draw(z)
+        rnd = self.draw(z, self.sample_generators(batch, f"train/{self.global_step}"))
         context, mask = self.text_context(batch, rnd["drop"])
         loss = self.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"], rnd["use_image"])
         self.log("train/loss", loss, prog_bar=True)
@@ -232,7 +254,7 @@ class DiffusionModule(L.LightningModule):
         self._ema_on_device()
         z = self.normalized_latents(batch)
         # the same noise, times and (no) caption drops for every evaluation: comparable across steps
-        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        generator = self.sample_generators(batch, "val") or torch.Generator().manual_seed(10_000 + batch_idx)
         rnd = self.draw(z, generator)
         drop = torch.zeros_like(rnd["drop"])
         context, mask = self.text_context(batch, drop)
@@ -363,6 +385,12 @@ class DiffusionModule(L.LightningModule):
             ema = {k.removeprefix("ema."): state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
             if ema:
                 self.ema.load_state_dict(ema, strict=True)
+
+
+def keyed_seed(base: int, key: str, salt: str) -> int:
+    """A 63-bit seed from (base seed, sample key, salt), stable across processes and Python versions."""
+    digest = hashlib.blake2b(f"{base}\0{key}\0{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def param_dtype(module: torch.nn.Module) -> torch.dtype:
