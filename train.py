@@ -72,11 +72,24 @@ def setup_run(cfg: DictConfig) -> tuple[Any, Any, Any]:
     return datamodule, instantiate_module(cfg), instantiate_trainer(cfg)
 
 
+def resume_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, with ``auto`` resolved to the newest complete checkpoint of the run directory."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt != "auto":
+        return ckpt
+    from vdm.utils.resume import find_resume_checkpoint
+
+    found = find_resume_checkpoint(cfg.paths.output_dir)
+    if found is not None:
+        log.info("resuming from %s", found)
+    return str(found) if found is not None else None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, build and fit; returns the final metrics (validation metrics when ``validate``)."""
     datamodule, module, trainer = setup_run(cfg)
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = scalar_metrics(trainer.callback_metrics)
     if cfg.validate and not trainer.fast_dev_run:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)

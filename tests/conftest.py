@@ -43,7 +43,12 @@ TINY_RUN = [
     "trainer.log_every_n_steps=1",
     "module.warmup_steps=2",
 ]
-TINY_CALLBACKS = ["callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.progress_bar.refresh_rate=0"]
+# tests share run directories between runs: no automatic resume unless a test asks for it
+TINY_CALLBACKS = [
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "callbacks.progress_bar.refresh_rate=0",
+    "ckpt_path=null",
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
