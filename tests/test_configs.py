@@ -163,3 +163,16 @@ def test_deepspeed_refuses_stage_one_with_its_gan(tmp_path):
         validate_config(cfg)
     validate_config(compose_config("train", ["strategy=deepspeed_stage_2", *NO_GAN], tmp_path))
     validate_config(compose_config("train", ["strategy=fsdp"], tmp_path))
+
+
+def test_slurm_launcher_requeues_into_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = compose_config("train", ["hydra/launcher=slurm", "hydra.launcher.nodes=2"], tmp_path)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == launcher["gpus_per_node"] == 8
+    assert launcher["max_num_timeout"] > 0 and launcher["additional_parameters"]["requeue"] is True
+    # a requeued job keeps its id, hence its run directory, where ckpt_path=auto finds its checkpoints
+    assert cfg.run_name == "4242" and cfg.hydra.run.dir.endswith("/runs/4242") and cfg.ckpt_path == "auto"
+    sbatch = (CONF_DIR.parent / "slurm" / "train.sbatch").read_text()
+    assert "--signal=SIGUSR1@" in sbatch and "--requeue" in sbatch and "srun" in sbatch
