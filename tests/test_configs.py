@@ -15,10 +15,12 @@ from vdm.utils.config_check import ConfigError, validate_config
 ROOT = CONF_DIR.parent
 # groups whose options need more than the defaults to compose meaningfully
 NO_GAN = ["module.discriminator=null", "module.disc_optimizer=null"]  # DeepSpeed drives one optimizer
+STAGE2_TINY = ["stage=diffusion"]  # ZeRO-3 serves stage 2 only
 NEEDS = {
     ("data", "shards"): ["corpus.root=/corpus"],
     ("data", "latents"): ["latents.root=/latents"],
-    **{("strategy", f"deepspeed_stage_{s}"): NO_GAN for s in ("2", "3", "3_offload")},
+    ("strategy", "deepspeed_stage_2"): NO_GAN,
+    **{("strategy", f"deepspeed_stage_{s}"): [*STAGE2_TINY, "model.vae_export={export}"] for s in ("3", "3_offload")},
 }
 STAGE2 = ["stage=diffusion", "model.vae_export={export}"]  # options of stage 2 need a VAE export
 SKIP_GROUPS = {"hydra", "local"}
@@ -41,7 +43,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), group_options())
 def test_compose_and_validate_every_option(group, option, tmp_path, vae_export_dir):
-    needs = NEEDS.get((group, option), [])
+    needs = [o.format(export=vae_export_dir) for o in NEEDS.get((group, option), [])]
     if (group, option) == ("stage", "diffusion") or group == "objective" or option.startswith("dit_"):
         needs = [o.format(export=vae_export_dir) for o in STAGE2 if not o.startswith(f"{group}=")]
         if option.startswith("dit_") and option != "dit_tiny":  # sized for T5-XXL; here the 64-wide stand-in
@@ -163,6 +165,8 @@ def test_deepspeed_refuses_stage_one_with_its_gan(tmp_path):
         validate_config(cfg)
     validate_config(compose_config("train", ["strategy=deepspeed_stage_2", *NO_GAN], tmp_path))
     validate_config(compose_config("train", ["strategy=fsdp"], tmp_path))
+    with pytest.raises(ConfigError, match="trainer.strategy.stage: 3 is not supported for stage 1"):
+        validate_config(compose_config("train", ["strategy=deepspeed_stage_3", *NO_GAN], tmp_path))
 
 
 def test_slurm_launcher_requeues_into_the_same_run(tmp_path, monkeypatch):

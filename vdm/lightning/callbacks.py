@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from vdm.data.encode import encode_frames
 from vdm.evaluation import ENCODE_OPTIONS, read_prompts, to_uint8_frames
+from vdm.lightning.strategies import param_dtype
 from vdm.utils.vae_export import compute_latent_stats, export_vae
 
 
@@ -113,7 +114,8 @@ class VAEExportCallback(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            stats = compute_latent_stats(lambda x: model.encode(x).mode(), self._videos(trainer, pl_module),
+            dtype = param_dtype(model)
+            stats = compute_latent_stats(lambda x: model.encode(x.to(dtype)).mode(), self._videos(trainer, pl_module),
                                          self.num_clips)
         finally:
             model.train(was_training)

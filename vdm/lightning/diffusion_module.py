@@ -16,6 +16,7 @@ from vdm.diffusion.guidance import guided_denoiser
 from vdm.diffusion.objectives import DiffusionObjective
 from vdm.lightning.ema import EMA
 from vdm.lightning.schedules import warmup_cosine
+from vdm.lightning.strategies import is_deepspeed, param_dtype, set_deepspeed_gradient_clipping
 from vdm.models.text_encoder import TextEncoder
 from vdm.utils.vae_export import load_vae_export
 
@@ -96,7 +97,8 @@ class DiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Under DeepSpeed the EMA leaves the module tree; precomputed text embeddings must come from this
         run's text encoder."""
-        if _is_deepspeed(self.trainer.strategy) and "ema" in self._modules:
+        set_deepspeed_gradient_clipping(self.trainer.strategy, self.hparams.grad_clip)
+        if is_deepspeed(self.trainer.strategy) and "ema" in self._modules:
             # DeepSpeed casts the whole module to bf16 and ZeRO-3 shards it: the average must stay a whole
             # fp32 copy on every rank, so it is kept outside and checkpointed in the client state
             object.__setattr__(self, "ema", self._modules.pop("ema"))
@@ -239,6 +241,10 @@ class DiffusionModule(L.LightningModule):
             self.ema.to(self.device)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if is_deepspeed(self.trainer.strategy):  # gradients live in DeepSpeed's buffers: its own norm
+            norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
         self._ema_on_device()
         gather = None
         if any(hasattr(p, "ds_id") for p in self.dit.parameters()):  # ZeRO-3 shards: gathered per group
@@ -391,15 +397,6 @@ def keyed_seed(base: int, key: str, salt: str) -> int:
     """A 63-bit seed from (base seed, sample key, salt), stable across processes and Python versions."""
     digest = hashlib.blake2b(f"{base}\0{key}\0{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def param_dtype(module: torch.nn.Module) -> torch.dtype:
-    """dtype of a module's floating-point parameters (what its inputs are cast to)."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _is_deepspeed(strategy: Any) -> bool:
-    return any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
 
 
 def _check_compatible(dit: torch.nn.Module, channels: int, text_dim: int, i2v_probability: float) -> None:

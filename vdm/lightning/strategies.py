@@ -109,3 +109,23 @@ def fsdp_strategy(
     return FSDPStrategy(
         auto_wrap_policy=wrap or None, activation_checkpointing_policy=ckpt or None, **kwargs
     )
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's DeepSpeedStrategy (or a subclass such as CPUDeepSpeedStrategy)."""
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def set_deepspeed_gradient_clipping(strategy: Any, max_norm: float | None) -> None:
+    """Under DeepSpeed, which clips inside its optimizer step, use the module's clipping norm.
+
+    Lightning would take it from ``Trainer(gradient_clip_val)``, which it refuses with manual optimization
+    (stage 1); writing DeepSpeed's ``gradient_clipping`` before the engine is built serves both stages.
+    """
+    if is_deepspeed(strategy):
+        strategy.config["gradient_clipping"] = float(max_norm or 0.0)
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    """dtype of a module's floating-point parameters: what its inputs are cast to (bf16 under DeepSpeed)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

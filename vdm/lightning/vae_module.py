@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from vdm.lightning.schedules import warmup_cosine
+from vdm.lightning.strategies import is_deepspeed, param_dtype, set_deepspeed_gradient_clipping
 from vdm.metrics.reconstruction import frame_psnr, frame_ssim
 from vdm.models.discriminator import adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 
@@ -85,6 +86,7 @@ class VAEModule(L.LightningModule):
         return self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
 
     def setup(self, stage: str) -> None:
+        set_deepspeed_gradient_clipping(self.trainer.strategy, self.hparams.grad_clip)
         if self.discriminator is not None and self.trainer.precision == "16-mixed":
             raise ValueError(
                 "trainer.precision=16-mixed: the discriminator step bypasses the fp16 grad scaler; "
@@ -105,7 +107,9 @@ class VAEModule(L.LightningModule):
 
     def generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Total generator loss, its logged terms, and the reconstruction (for the discriminator step)."""
-        x_hat, posterior = self.model(x, sample_posterior=self.hparams.sample_posterior)
+        # the model's own dtype: fp32 under autocast, bf16 when DeepSpeed runs the module in bf16
+        x_hat, posterior = self.model(x.to(param_dtype(self.model)), sample_posterior=self.hparams.sample_posterior)
+        x_hat = x_hat.to(x.dtype)
         terms = self.reconstruction_terms(x, x_hat)
         terms["kl"] = posterior.kl(reduction="mean").mean()
         loss = terms["rec"] + self.hparams.kl_weight * terms["kl"]
@@ -121,16 +125,19 @@ class VAEModule(L.LightningModule):
         terms["loss"] = loss
         return loss, terms, x_hat
 
-    def _step(self, optimizer: Any, loss: torch.Tensor, raw: bool = False) -> torch.Tensor:
-        """Backward, clip and step; returns the gradient norm before clipping."""
+    def _step(self, optimizer: Any, loss: torch.Tensor, raw: bool = False) -> torch.Tensor | None:
+        """Backward, clip and step; returns the gradient norm before clipping (None if not known)."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         # the raw optimizer step leaves global_step counting generator steps only
         (optimizer.optimizer if raw else optimizer).step()
+        if norm is None and is_deepspeed(self.trainer.strategy):  # gradients live in DeepSpeed's buffers
+            engine_norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            norm = torch.as_tensor(float(engine_norm)) if engine_norm is not None else None
         return norm
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -142,13 +149,17 @@ class VAEModule(L.LightningModule):
         gan_active = self.gan_active
 
         loss, terms, x_hat = self.generator_loss(x)
-        self.log("train/grad_norm", self._step(opt_g, loss))
+        grad_norm = self._step(opt_g, loss)
+        if grad_norm is not None:
+            self.log("train/grad_norm", grad_norm)
         if gan_active:
             logits_real = self.discriminator(x.detach())
             logits_fake = self.discriminator(x_hat.detach())
             terms["d_loss"] = hinge_d_loss(logits_real, logits_fake)
             terms["logits_real"], terms["logits_fake"] = logits_real.mean(), logits_fake.mean()
-            terms["d_grad_norm"] = self._step(opt_d, terms["d_loss"], raw=True)
+            d_norm = self._step(opt_d, terms["d_loss"], raw=True)
+            if d_norm is not None:
+                terms["d_grad_norm"] = d_norm
         schedulers[0].step()
         if gan_active and len(schedulers) > 1:  # the discriminator's schedule starts with its first step
             schedulers[1].step()
@@ -165,7 +176,7 @@ class VAEModule(L.LightningModule):
         if not any(keep):
             return None
         x = batch["video"][torch.tensor(keep, device=batch["video"].device)]
-        x_hat, posterior = self.model(x, sample_posterior=False)
+        x_hat, posterior = self.model(x.to(param_dtype(self.model)), sample_posterior=False)
         x_hat = x_hat.to(x.dtype)  # metrics in the data's precision also under bf16 autocast
         terms = self.reconstruction_terms(x, x_hat)
         loss = terms["rec"] + self.hparams.kl_weight * posterior.kl(reduction="mean").mean()

@@ -204,6 +204,13 @@ def _check_strategy(cfg: Mapping) -> None:
     """Combinations a strategy cannot serve fail here, not at the first step."""
     strategy = _get(cfg, "trainer.strategy")
     target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else str(strategy or "")
+    stage1 = _get(cfg, "module._target_") == "vdm.lightning.vae_module.VAEModule"
+    if "deepspeed" in target.lower() and stage1 and _get(cfg, "trainer.strategy.stage") == 3:
+        raise ConfigError(
+            "trainer.strategy.stage: 3 is not supported for stage 1 (the VAE export at the end of fit runs "
+            "the model on one rank, which ZeRO-3's sharded parameters do not allow); the VAE fits in one "
+            "GPU: use strategy=deepspeed_stage_2, ddp or fsdp"
+        )
     if "deepspeed" in target.lower() and _get(cfg, "module.discriminator") is not None:
         raise ConfigError(
             "module.discriminator: DeepSpeed drives a single optimizer, but stage 1 with its GAN has two; "
