@@ -209,3 +209,13 @@ def test_training_draws_follow_the_sample_not_its_batch(vae_export_dir, text_enc
     later = module.draw(z[:1], module.sample_generators({"key": ["b"]}, "train/4"))
     assert not torch.equal(later["noise"], alone["noise"])  # a new step draws anew
     assert module.sample_generators({"video": z}, "train/3") is None
+
+
+def test_compile_blocks_in_place_keeps_parameter_names(vae_export_dir, text_encoder_dir):
+    from vdm.lightning.strategies import compile_blocks
+
+    module = make_module(vae_export_dir, text_encoder_dir)
+    before = list(module.state_dict())
+    assert compile_blocks(module.dit) == len(module.dit.blocks)
+    assert all(block._compiled_call_impl is not None for block in module.dit.blocks)
+    assert list(module.state_dict()) == before

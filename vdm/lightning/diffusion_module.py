@@ -16,7 +16,12 @@ from vdm.diffusion.guidance import guided_denoiser
 from vdm.diffusion.objectives import DiffusionObjective
 from vdm.lightning.ema import EMA
 from vdm.lightning.schedules import warmup_cosine
-from vdm.lightning.strategies import is_deepspeed, param_dtype, set_deepspeed_gradient_clipping
+from vdm.lightning.strategies import (
+    compile_blocks,
+    is_deepspeed,
+    param_dtype,
+    set_deepspeed_gradient_clipping,
+)
 from vdm.models.text_encoder import TextEncoder
 from vdm.utils.vae_export import load_vae_export
 
@@ -69,6 +74,7 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         expected_vae_hash: str | None = None,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0 or not 0.0 <= i2v_probability <= 1.0:
@@ -98,6 +104,8 @@ class DiffusionModule(L.LightningModule):
         """Under DeepSpeed the EMA leaves the module tree; precomputed text embeddings must come from this
         run's text encoder."""
         set_deepspeed_gradient_clipping(self.trainer.strategy, self.hparams.grad_clip)
+        if self.hparams.compile_blocks and stage == "fit":
+            compile_blocks(self.dit)
         if is_deepspeed(self.trainer.strategy) and "ema" in self._modules:
             # DeepSpeed casts the whole module to bf16 and ZeRO-3 shards it: the average must stay a whole
             # fp32 copy on every rank, so it is kept outside and checkpointed in the client state
@@ -245,13 +253,27 @@ class DiffusionModule(L.LightningModule):
             norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
             if norm is not None:
                 self.log("train/grad_norm", float(norm))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then its EMA update.
+
+        Not in ``on_train_batch_end``: Lightning calls callbacks' ``on_train_batch_end`` (where
+        ``ModelCheckpoint(every_n_train_steps)`` saves) before the module's, so a checkpoint would miss that
+        step's update and a resumed run's EMA would drift from the uninterrupted run's. This hook runs once
+        per optimizer step; under DeepSpeed once per micro-batch, and the engine says whether it stepped.
+        """
+        super().optimizer_step(*args, **kwargs)
+        engine = self.trainer.model
+        if callable(getattr(engine, "was_step_applied", None)) and not engine.was_step_applied():
+            return
         self._ema_on_device()
         gather = None
         if any(hasattr(p, "ds_id") for p in self.dit.parameters()):  # ZeRO-3 shards: gathered per group
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters
-        self.ema.update(self.dit, self.global_step, gather=gather)
+        # global_step counts this optimizer step only once the hook has returned
+        self.ema.update(self.dit, self.global_step + 1, gather=gather)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         keep = [not meta.get("pad", False) for meta in batch["meta"]]

@@ -129,3 +129,17 @@ def set_deepspeed_gradient_clipping(strategy: Any, max_norm: float | None) -> No
 def param_dtype(module: torch.nn.Module) -> torch.dtype:
     """dtype of a module's floating-point parameters: what its inputs are cast to (bf16 under DeepSpeed)."""
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` each transformer block of ``model`` in place (``model.blocks``, else the whole model).
+
+    In place (``nn.Module.compile``), so parameter names and checkpoints are unchanged; per block, so the
+    graphs are small, identical blocks share one compiled graph, and activation checkpointing wraps them.
+    Returns the number of compiled modules.
+    """
+    blocks = list(getattr(model, "blocks", [])) or [model]
+    for block in blocks:
+        block.compile()
+    log.info("torch.compile: %d module(s) of %s", len(blocks), type(model).__name__)
+    return len(blocks)
