@@ -227,6 +227,8 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if is_deepspeed(self.trainer.strategy):  # p.grad is not this step's gradient: logged after the step
+            return
         grads = [p.grad for p in self.dit.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
