@@ -49,11 +49,15 @@ def test_results_are_ranked_with_failed_and_nan_runs_last(tmp_path: Path) -> Non
         rank(runs, "val/fvd")
 
 
-def _sweep(tmp_path: Path, synthetic_root: Path, sweep_dir: Path, *sweep: str) -> None:
-    """Run ``train.py`` with ``sweep`` overrides on the tiny stage-1 config (no callbacks) into ``sweep_dir``."""
+STAGE1_CALLBACKS = ("vae_export", "reconstruction_videos", "reconstruction_fvd")
+
+
+def _sweep(
+    tmp_path: Path, synthetic_root: Path, sweep_dir: Path, *sweep: str, stage_callbacks=STAGE1_CALLBACKS
+) -> None:
+    """Run ``train.py`` with ``sweep`` overrides on the tiny config (no callbacks) into ``sweep_dir``."""
     corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
     tiny = [*TINY_RUN, "trainer.max_steps=2", "callbacks=none"]
-    stage_callbacks = ["vae_export", "reconstruction_videos", "reconstruction_fvd"]
     command = [sys.executable, "train.py", *sweep, f"paths.root_dir={tmp_path}", *corpus, *tiny]
     command += [f"callbacks.{name}=null" for name in stage_callbacks] + [f"hydra.sweep.dir={sweep_dir}"]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -82,3 +86,18 @@ def test_optuna_search_optimizes_the_metric_train_returns(tmp_path: Path, synthe
     assert len(losses) == 3 and best["best_value"] == pytest.approx(min(losses), rel=1e-6)
     # data.batch_size is searched too, but fixed here by the command line (TINY_RUN), which optuna respects
     assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay"}
+
+
+def test_stage_two_sweep_over_learning_rates_and_model_sizes(
+    tmp_path: Path, synthetic_root: Path, vae_export_dir: Path
+) -> None:
+    sweep_dir = tmp_path / "stage2"
+    stage2 = ["stage=diffusion", f"model.vae_export={vae_export_dir}"]
+    sweep = ["-m", "optimizer.lr=1e-4,3e-4", "model=dit_tiny,dit_s", *stage2]
+    _sweep(tmp_path, synthetic_root, sweep_dir, *sweep, stage_callbacks=("diffusion_samples", "generation_metrics"))
+    main([str(sweep_dir)])
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+    assert {tuple(sorted(row["overrides"].split()[:2])) for row in rows} == {
+        (f"model={m}", f"optimizer.lr={lr}") for m in ("dit_s", "dit_tiny") for lr in ("0.0001", "0.0003")
+    }
