@@ -1,0 +1,41 @@
+"""Atomic checkpoint writes: a save killed midway leaves the previous checkpoint intact and loadable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vdm.lightning.checkpoint_io import AtomicCheckpointIO
+from vdm.utils.resume import checkpoint_complete, find_resume_checkpoint
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+    real_save = torch.save
+
+    def killed(obj, f, *args, **kwargs):  # writes half of the bytes, then the process "dies"
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2), "big": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1  # untouched
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    assert checkpoint_complete(path) and find_resume_checkpoint(tmp_path) == path
+
+
+def test_the_trainer_configs_use_it(tiny_train_cfg) -> None:
+    import hydra
+
+    cfg = tiny_train_cfg()
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
