@@ -15,6 +15,13 @@ from vdm.diffusion.common import Generators, randn
 from vdm.diffusion.guidance import guided_denoiser
 from vdm.diffusion.objectives import DiffusionObjective
 from vdm.lightning.ema import EMA
+from vdm.lightning.nonfinite import (
+    NonFinitePolicy,
+    check_policy,
+    drop_gradients,
+    handle_nonfinite,
+    is_finite,
+)
 from vdm.lightning.schedules import warmup_cosine
 from vdm.lightning.strategies import (
     compile_blocks,
@@ -75,6 +82,7 @@ class DiffusionModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         expected_vae_hash: str | None = None,
         compile_blocks: bool = False,
+        nonfinite: NonFinitePolicy = "stop",
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0 or not 0.0 <= i2v_probability <= 1.0:
@@ -82,6 +90,7 @@ class DiffusionModule(L.LightningModule):
                 f"module.caption_dropout and module.i2v_probability must be in [0, 1], "
                 f"got {caption_dropout}, {i2v_probability}"
             )
+        check_policy(nonfinite)
         self.save_hyperparameters(ignore=["dit", "text_encoder", "optimizer", "objective"])
         export = load_vae_export(vae_export, expected_vae_hash)
         self.vae_hash = export.vae_hash
@@ -99,6 +108,8 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("latent_std", torch.tensor(stats.std).view(1, -1, 1, 1, 1), persistent=False)
         self.run_config: dict[str, Any] = {}
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "loss_ema")})
+        self._batch_keys: list[str] | None = None
+        self._loss_finite = True
 
     def setup(self, stage: str) -> None:
         """Under DeepSpeed the EMA leaves the module tree; precomputed text embeddings must come from this
@@ -222,6 +233,11 @@ class DiffusionModule(L.LightningModule):
         rnd = self.draw(z, self.sample_generators(batch, f"train/{self.global_step}"))
         context, mask = self.text_context(batch, rnd["drop"])
         loss = self.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"], rnd["use_image"])
+        self._batch_keys = batch.get("key")
+        self._loss_finite = is_finite(loss.detach())
+        if not self._loss_finite and (self.hparams.nonfinite == "stop" or is_deepspeed(self.trainer.strategy)):
+            # DeepSpeed keeps the gradients in its own buffers: no skipping there, the run stops
+            handle_nonfinite("stop", "loss", self.global_step, self._batch_keys)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -229,9 +245,16 @@ class DiffusionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if is_deepspeed(self.trainer.strategy):  # p.grad is not this step's gradient: logged after the step
             return
-        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        params = [p for p in self.dit.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # all-reduced gradients: every rank takes the same decision
+        if not self._loss_finite or not is_finite(norm):
+            handle_nonfinite(self.hparams.nonfinite, "loss or gradient", self.global_step, self._batch_keys)
+            drop_gradients(params)
+            return
+        self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any

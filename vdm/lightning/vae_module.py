@@ -11,6 +11,13 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from vdm.lightning.nonfinite import (
+    NonFinitePolicy,
+    check_policy,
+    drop_gradients,
+    handle_nonfinite,
+    is_finite,
+)
 from vdm.lightning.schedules import warmup_cosine
 from vdm.lightning.strategies import is_deepspeed, param_dtype, set_deepspeed_gradient_clipping
 from vdm.metrics.reconstruction import frame_psnr, frame_ssim
@@ -55,6 +62,7 @@ class VAEModule(L.LightningModule):
         sample_posterior: bool = True,
         perceptual_max_frames: int | None = 4,
         num_example_videos: int = 4,
+        nonfinite: NonFinitePolicy = "stop",
     ) -> None:
         super().__init__()
         weights = {"l1_weight": l1_weight, "l2_weight": l2_weight, "kl_weight": kl_weight,
@@ -66,6 +74,7 @@ class VAEModule(L.LightningModule):
             raise ValueError("module: l1_weight + l2_weight must be > 0 (a reconstruction term is required)")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"module.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        check_policy(nonfinite)
         if (discriminator is None) != (disc_optimizer is None):
             raise ValueError("module: discriminator and disc_optimizer must be given together (or both null)")
         self.save_hyperparameters(ignore=["model", "optimizer", "discriminator", "disc_optimizer", "perceptual"])
@@ -80,6 +89,7 @@ class VAEModule(L.LightningModule):
             {k: MeanMetric() for k in ("loss", "psnr", "ssim", "lpips", "psnr_mean_frame")}
         )
         self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch_keys: list[str] | None = None
 
     @property
     def gan_active(self) -> bool:
@@ -131,6 +141,11 @@ class VAEModule(L.LightningModule):
         self.manual_backward(loss)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if norm is not None and not is_finite(norm):  # all-reduced under DDP: the same on every rank
+            handle_nonfinite(self.hparams.nonfinite, "gradient", self.global_step, self._batch_keys)
+            drop_gradients(params)  # the step below then changes nothing, but still counts
+            (optimizer.optimizer if raw else optimizer).step()
+            return None
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         # the raw optimizer step leaves global_step counting generator steps only
@@ -149,6 +164,9 @@ class VAEModule(L.LightningModule):
         gan_active = self.gan_active
 
         loss, terms, x_hat = self.generator_loss(x)
+        self._batch_keys = batch.get("key")
+        if self.hparams.nonfinite == "stop" and not is_finite(loss.detach()):
+            handle_nonfinite("stop", "generator loss", self.global_step, self._batch_keys)
         grad_norm = self._step(opt_g, loss)
         if grad_norm is not None:
             self.log("train/grad_norm", grad_norm)
