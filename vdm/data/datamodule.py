@@ -264,24 +264,34 @@ class VideoDataModule(L.LightningDataModule):
         world: int,
         counts: list[int] | None,
     ) -> VideoDataset:
+        stream = self._stream_args(batch_size, mode, batches, rank, world, counts)
         return VideoDataset(
-            urls,
-            clip,
-            buckets=self.buckets,
-            batch_size=batch_size,
-            mode=mode,
-            batches_per_epoch=batches,
-            shuffle_buffer=self.shuffle_buffer if mode == "train" else 0,
-            seed=self.seed,
-            resampled=self.resampled,
-            shard_counts=counts,
-            backend=self.backend,
-            max_skip_rate=self.max_skip_rate,
-            skip_check_after=self.skip_check_after,
-            rank=rank,
-            world_size=world,
-            video_dtype=self.video_dtype,
+            urls, clip, buckets=self.buckets, backend=self.backend, video_dtype=self.video_dtype, **stream
         )
+
+    def _stream_args(
+        self,
+        batch_size: int,
+        mode: Mode,
+        batches: int | None,
+        rank: int,
+        world: int,
+        counts: list[int] | None,
+    ) -> dict[str, Any]:
+        """Arguments every dataset of this module shares: batching, shuffling, sharding, skip policy."""
+        return {
+            "batch_size": batch_size,
+            "mode": mode,
+            "batches_per_epoch": batches,
+            "shuffle_buffer": self.shuffle_buffer if mode == "train" else 0,
+            "seed": self.seed,
+            "resampled": self.resampled,
+            "shard_counts": counts,
+            "max_skip_rate": self.max_skip_rate,
+            "skip_check_after": self.skip_check_after,
+            "rank": rank,
+            "world_size": world,
+        }
 
     def _loader(
         self, dataset: VideoDataset | None, name: str, epoch_fn: Callable[[], int] | None

@@ -260,19 +260,7 @@ class LatentDataModule(VideoDataModule):
         counts: list[int] | None,
     ) -> VideoDataset:
         info = self.read_latent_info()
+        stream = self._stream_args(batch_size, mode, batches, rank, world, counts)
         return LatentDataset(
-            urls,
-            latent_shape=info["latent_shape"],
-            expected_hash=str(info["vae_hash"]),
-            batch_size=batch_size,
-            mode=mode,
-            batches_per_epoch=batches,
-            shuffle_buffer=self.shuffle_buffer if mode == "train" else 0,
-            seed=self.seed,
-            resampled=self.resampled,
-            shard_counts=counts,
-            max_skip_rate=self.max_skip_rate,
-            skip_check_after=self.skip_check_after,
-            rank=rank,
-            world_size=world,
+            urls, latent_shape=info["latent_shape"], expected_hash=str(info["vae_hash"]), **stream
         )

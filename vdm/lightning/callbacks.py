@@ -81,7 +81,10 @@ class ReconstructionVideos(L.Callback):
                 import wandb
 
                 logger.experiment.log(
-                    {"val/videos": [wandb.Video(str(p), format="mp4") for p in paths], "trainer/global_step": step}
+                    {
+                        "val/videos": [wandb.Video(str(p), format="mp4") for p in paths],
+                        "trainer/global_step": step,
+                    }
                 )
 
 
@@ -115,8 +118,9 @@ class VAEExportCallback(L.Callback):
         model.eval()
         try:
             dtype = param_dtype(model)
-            stats = compute_latent_stats(lambda x: model.encode(x.to(dtype)).mode(), self._videos(trainer, pl_module),
-                                         self.num_clips)
+            stats = compute_latent_stats(
+                lambda x: model.encode(x.to(dtype)).mode(), self._videos(trainer, pl_module), self.num_clips
+            )
         finally:
             model.train(was_training)
         config = getattr(pl_module, "run_config", {}).get("model")
@@ -128,12 +132,17 @@ class VAEExportCallback(L.Callback):
         return vae_hash
 
 
-def select_prompts(prompts: list[str] | None, prompts_file: str | None, num_prompts: int) -> list[str]:
-    """The first ``num_prompts`` of ``prompts``, else of ``prompts_file`` (txt or jsonl: ``read_prompts``)."""
+def select_prompts(
+    prompts: list[str] | None,
+    prompts_file: str | None,
+    num_prompts: int | None,
+    owner: str = "DiffusionSamples",
+) -> list[str]:
+    """The first ``num_prompts`` (None: all) of ``prompts``, else of ``prompts_file`` (txt or jsonl)."""
     if prompts:
         return list(prompts)[:num_prompts]
-    if prompts_file is None:
-        raise ValueError("DiffusionSamples: give `prompts` or `prompts_file`")
+    if not prompts_file:
+        raise ValueError(f"{owner}: give `prompts` or `prompts_file`")
     return [spec.prompt for spec in read_prompts(prompts_file)][:num_prompts]
 
 
@@ -184,8 +193,15 @@ class DiffusionSamples(L.Callback):
             return []
         step = trainer.global_step
         frames, height, width = self.shape
-        videos = pl_module.sample(self.prompts, frames, height, width, num_steps=self.num_steps,
-                                  guidance_scale=self.guidance_scale, seed=self.seed)
+        videos = pl_module.sample(
+            self.prompts,
+            frames,
+            height,
+            width,
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+        )
         self.dirpath.mkdir(parents=True, exist_ok=True)
         prompts_file = self.dirpath / f"step{step:07d}.txt"
         prompts_file.write_text("".join(p + "\n" for p in self.prompts), encoding="utf-8")

@@ -12,8 +12,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from vdm.diffusion.common import Generators, randn
-from vdm.diffusion.guidance import guided_denoiser
 from vdm.diffusion.objectives import DiffusionObjective
+from vdm.lightning.diffusion_sampling import image_condition, sample_videos
 from vdm.lightning.ema import EMA
 from vdm.lightning.nonfinite import (
     NonFinitePolicy,
@@ -35,20 +35,6 @@ from vdm.utils.vae_export import load_vae_export
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-def image_condition(z: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
-    """First-frame conditioning channels for image-to-video: (B, C + 1, T, H, W).
-
-    Channels ``:C`` hold the first latent frame of the samples with ``use`` (B,) True (zeros elsewhere
-    and at later frames); the last channel is the mask, 1 at frame 0 of those samples.
-    """
-    b, _, t, h, w = z.shape
-    cond = torch.zeros(b, z.shape[1] + 1, t, h, w, dtype=z.dtype, device=z.device)
-    keep = use.to(z.dtype).view(b, 1, 1, 1)
-    cond[:, :-1, 0] = z[:, :, 0] * keep
-    cond[:, -1, 0] = keep[:, 0]
-    return cond
 
 
 class DiffusionModule(L.LightningModule):
@@ -143,9 +129,13 @@ class DiffusionModule(L.LightningModule):
     def normalized_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, C, T, H, W) latents with zero mean, unit std per channel (over the export's statistics)."""
         if "latent" in batch:
-            z = batch["latent"]
-        else:
-            z = self.vae.encode(batch["video"].to(param_dtype(self.vae))).mode()
+            return (batch["latent"].float() - self.latent_mean) / self.latent_std
+        return self.encode_latents(batch["video"])
+
+    @torch.no_grad()
+    def encode_latents(self, videos: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (posterior mean) of videos (B, 3, T, H, W) in [-1, 1], on the device."""
+        z = self.vae.encode(videos.to(self.device, param_dtype(self.vae))).mode()
         return (z.float() - self.latent_mean) / self.latent_std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -201,7 +191,9 @@ class DiffusionModule(L.LightningModule):
             u = torch.rand(2, b, generator=generator).to(device)
         else:
             noise = randn(z.shape, generator, device)
-            t = torch.cat([self.objective.sample_time(1, num_tokens, generator=g) for g in generator]).to(device)
+            t = torch.cat([self.objective.sample_time(1, num_tokens, generator=g) for g in generator]).to(
+                device
+            )
             u = torch.stack([torch.rand(2, generator=g) for g in generator], dim=1).to(device)
         return {
             "noise": noise,
@@ -211,7 +203,7 @@ class DiffusionModule(L.LightningModule):
         }
 
     def sample_generators(self, batch: dict[str, Any], salt: str) -> list[torch.Generator] | None:
-        """One generator per sample, seeded by (run seed, sample key, ``salt``); None for batches without keys.
+        """One generator per sample, seeded by (run seed, sample key, ``salt``); None without sample keys.
 
         The draws of a sample then depend on what it is and when it is seen, not on its rank, position or
         batch: a run on N ranks draws what one process with the same global batch draws, and a resumed
@@ -235,7 +227,9 @@ class DiffusionModule(L.LightningModule):
         loss = self.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"], rnd["use_image"])
         self._batch_keys = batch.get("key")
         self._loss_finite = is_finite(loss.detach())
-        if not self._loss_finite and (self.hparams.nonfinite == "stop" or is_deepspeed(self.trainer.strategy)):
+        if not self._loss_finite and (
+            self.hparams.nonfinite == "stop" or is_deepspeed(self.trainer.strategy)
+        ):
             # DeepSpeed keeps the gradients in its own buffers: no skipping there, the run stops
             handle_nonfinite("stop", "loss", self.global_step, self._batch_keys)
         self.log("train/loss", loss, prog_bar=True)
@@ -349,60 +343,21 @@ class DiffusionModule(L.LightningModule):
 
         ``image`` (B, 3, H, W) in [-1, 1] conditions on a first frame (needs an image-to-video DiT);
         ``init_video`` (B, 3, T, H, W) with ``strength`` < 1 starts from that video noised (SDEdit).
+        See :func:`vdm.lightning.diffusion_sampling.sample_videos`.
         """
         self._ema_on_device()
-        model = self.ema.module if use_ema else self.dit
-        dtype = param_dtype(model)
-        shape = self.vae.latent_shape((len(prompts), 3, num_frames, height, width))
-        if isinstance(seed, int):
-            generator: torch.Generator | list[torch.Generator] = torch.Generator().manual_seed(seed)
-        else:
-            if len(seed) != len(prompts):
-                raise ValueError(f"sample: {len(seed)} seeds for {len(prompts)} prompts")
-            generator = [torch.Generator().manual_seed(int(s)) for s in seed]
-        noise = randn(shape, generator, self.device)
-        context, mask = self.text_encoder.encode(list(prompts))
-        null, null_mask = self.text_encoder.null_embedding()
-        b = len(prompts)
-        cond = {"context": context.to(self.device), "context_mask": mask.to(self.device)}
-        uncond = {
-            "context": null.to(self.device).expand(b, -1, -1),
-            "context_mask": null_mask.to(self.device).expand(b, -1),
-        }
-        extra: torch.Tensor | None = None
-        if image is not None or self.image_to_video:
-            if not self.image_to_video:
-                raise ValueError("sample(image=...): this DiT has no image conditioning (cond_channels=0)")
-            use = torch.full((b,), image is not None, device=self.device)
-            first = torch.zeros(shape, device=self.device)
-            if image is not None:
-                z_img = self.vae.encode(image.to(self.device, param_dtype(self.vae)).unsqueeze(2)).mode()
-                first[:, :, :1] = (z_img.float() - self.latent_mean) / self.latent_std
-            extra = image_condition(first, use)
-
-        def model_fn(
-            x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
-        ) -> torch.Tensor:
-            if extra is not None:
-                x = torch.cat([x, extra.repeat(x.shape[0] // b, 1, 1, 1, 1).to(x)], dim=1)
-            return model(x.to(dtype), t, context.to(dtype), context_mask).float()
-
-        init = None
-        if init_video is not None:
-            init = (
-                self.vae.encode(init_video.to(self.device, param_dtype(self.vae))).mode().float() - self.latent_mean
-            ) / self.latent_std
-        denoiser = guided_denoiser(model_fn, cond, uncond, guidance_scale)
-        z = self.objective.sample(
-            denoiser,
-            noise,
-            num_steps,
-            self.num_tokens(shape[2:]),
-            init=init,
+        return sample_videos(
+            self,
+            prompts,
+            (num_frames, height, width),
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            image=image,
+            init_video=init_video,
             strength=strength,
-            generator=generator,
+            use_ema=use_ema,
         )
-        return self.vae.decode(self.denormalize(z).to(param_dtype(self.vae))).float().clamp(-1, 1)
 
     # optimisation and checkpoints
 
@@ -421,7 +376,9 @@ class DiffusionModule(L.LightningModule):
         for key in [k for k in state if k.startswith("vae.")]:
             del state[key]
         if self.ema_detached:  # DeepSpeed saves the client state, not state_dict: the EMA goes there
-            checkpoint["ema_state_dict"] = {f"ema.{k}": v.detach().cpu() for k, v in self.ema.state_dict().items()}
+            checkpoint["ema_state_dict"] = {
+                f"ema.{k}": v.detach().cpu() for k, v in self.ema.state_dict().items()
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("vae_hash")

@@ -17,7 +17,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from vdm.evaluation import PromptSpec, read_prompts, video_seed
+from vdm.evaluation import PromptSpec, video_seed
+from vdm.lightning.callbacks import select_prompts
 from vdm.lightning.generation_eval import fvd_protocol, real_videos, update_features
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, frechet_distance, save_statistics
@@ -78,14 +79,12 @@ class GenerationMetrics(L.Callback):
                 "GenerationMetrics: FVD (i3d_path) needs reference_stats, a path to cache them at"
             )
         self.clip_path, self.i3d_path, self.reference_stats = clip_path, i3d_path, reference_stats
-        texts: list[str] = []
-        if prompts:
-            texts = list(prompts)
-        elif prompts_file and self.enabled:
-            texts = [spec.prompt for spec in read_prompts(prompts_file)]
-        elif self.enabled:
-            raise ValueError("GenerationMetrics: give `prompts` or `prompts_file`")
-        self.prompts = texts[:num_prompts] if num_prompts else texts
+        # a disabled hook never reads its prompts file (the default config names one that may not exist)
+        self.prompts = (
+            select_prompts(prompts, prompts_file, num_prompts or None, owner="GenerationMetrics")
+            if self.enabled
+            else list(prompts or [])
+        )
         self.every_n_steps, self.videos_per_prompt, self.batch_size = (
             every_n_steps,
             videos_per_prompt,

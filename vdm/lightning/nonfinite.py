@@ -36,10 +36,8 @@ def is_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
 
-def handle_nonfinite(
-    policy: NonFinitePolicy, what: str, step: int, keys: Sequence[str] | None
-) -> None:
-    """Raise (``stop``) or warn (``skip``) about a non-finite ``what`` at ``step`` for the samples ``keys``."""
+def handle_nonfinite(policy: NonFinitePolicy, what: str, step: int, keys: Sequence[str] | None) -> None:
+    """Raise (``stop``) or warn (``skip``) about a non-finite ``what`` at ``step`` for samples ``keys``."""
     shown = ", ".join(map(str, list(keys or [])[:16])) or "(no sample keys)"
     message = f"non-finite {what} at step {step}; batch samples: {shown}"
     if policy == "stop":

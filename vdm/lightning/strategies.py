@@ -106,9 +106,7 @@ def fsdp_strategy(
     """
     wrap = {_import_class(p) for p in wrap_modules}
     ckpt = {_import_class(p) for p in checkpoint_modules}
-    return FSDPStrategy(
-        auto_wrap_policy=wrap or None, activation_checkpointing_policy=ckpt or None, **kwargs
-    )
+    return FSDPStrategy(auto_wrap_policy=wrap or None, activation_checkpointing_policy=ckpt or None, **kwargs)
 
 
 def is_deepspeed(strategy: Any) -> bool:
@@ -132,7 +130,7 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
-    """``torch.compile`` each transformer block of ``model`` in place (``model.blocks``, else the whole model).
+    """``torch.compile`` each block of ``model`` in place (``model.blocks``, else the whole model).
 
     In place (``nn.Module.compile``), so parameter names and checkpoints are unchanged; per block, so the
     graphs are small, identical blocks share one compiled graph, and activation checkpointing wraps them.
