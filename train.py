@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from vdm.utils.config_check import validate_config
 from vdm.utils.runtime import (
@@ -58,9 +59,28 @@ def instantiate_module(cfg: DictConfig) -> Any:
     return module
 
 
+def apply_global_batch(cfg: DictConfig) -> None:
+    """``global_batch_size`` (samples per optimizer step over all ranks) sets the per-rank data.batch_size."""
+    if cfg.get("global_batch_size") is None:
+        return
+    from vdm.utils.config_rules import check_global_batch, world_size
+
+    world = world_size(cfg)
+    if world is None:  # every visible GPU on each node
+        import torch
+
+        world = max(torch.cuda.device_count(), 1) * int(cfg.trainer.get("num_nodes") or 1)
+    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    per_rank = check_global_batch(cfg.global_batch_size, world, accumulate)
+    with open_dict(cfg):
+        cfg.data.batch_size = per_rank
+    log.info("global_batch_size=%d: data.batch_size=%d on %d ranks", cfg.global_batch_size, per_rank, world)
+
+
 def setup_run(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """Validate the config (before anything heavy), record it, seed, then build data, module and trainer."""
     validate_config(cfg)
+    apply_global_batch(cfg)
     save_resolved_config(resolved_config(cfg), cfg.paths.output_dir)
     configure_torch(cfg.float32_matmul_precision)
 
@@ -74,11 +94,18 @@ def setup_run(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
 def resume_path(cfg: DictConfig) -> str | None:
     """``ckpt_path``, with ``auto`` resolved to the newest complete checkpoint of the run directory."""
+    from vdm.utils.resume import checkpoint_complete, find_resume_checkpoint
+
     ckpt = cfg.get("ckpt_path")
+    if ckpt not in ("auto", "last", "hpc", None) and Path(ckpt).exists() and not checkpoint_complete(ckpt):
+        newest = find_resume_checkpoint(Path(ckpt).resolve().parent.parent)
+        hint = f"the newest complete one there is {newest}" if newest else "there is no complete one beside it"
+        raise RuntimeError(
+            f"ckpt_path: {ckpt} is incomplete (a save cut short: truncated file, or a DeepSpeed directory "
+            f"without its `latest` tag); {hint}. ckpt_path=auto picks the newest complete checkpoint"
+        )
     if ckpt != "auto":
         return ckpt
-    from vdm.utils.resume import find_resume_checkpoint
-
     found = find_resume_checkpoint(cfg.paths.output_dir)
     if found is not None:
         log.info("resuming from %s", found)

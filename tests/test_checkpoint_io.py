@@ -32,6 +32,15 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
     assert checkpoint_complete(path) and find_resume_checkpoint(tmp_path) == path
 
+    # SIGKILL cannot clean up: the next save of the same name removes the dead process' temporary file
+    stale = path.with_name("last.ckpt.tmp99999")
+    stale.write_bytes(b"half a checkpoint")
+    (path.parent / "step0000001.ckpt.tmp99999").write_bytes(b"another name's")
+    assert find_resume_checkpoint(tmp_path) == path
+    io.save_checkpoint({"step": torch.tensor(3)}, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "step0000001.ckpt.tmp99999"]
+    assert torch.load(path, weights_only=True)["step"] == 3
+
 
 def test_the_trainer_configs_use_it(tiny_train_cfg) -> None:
     import hydra

@@ -112,12 +112,40 @@ def test_evaluate_config_composes(tmp_path):
         (["optimizer.lr=-1"], r"optimizer\.lr"),
         (["+model.latent_chanels=8"], r"model\.latent_chanels: .*did you mean 'latent_channels'"),
         (["seed=-3"], r"seed: expected an integer >= 0"),
+        (["optimizer.lr=-1e-4"], r"optimizer\.lr: expected a learning rate > 0, got -0\.0001"),
+        (["data.short_policy=stretch"], r"data\.short_policy: expected one of 'skip', 'pad', 'loop'"),
+        (["data.resume=sometimes"], r"data\.resume: expected one of 'exact', 'epoch'"),
+        (["trainer.precision=bf17"], r"trainer\.precision: expected one of .*'bf16-mixed'.*got 'bf17'"),
+        (["trainer.strategy=dpp"], r"trainer\.strategy: unknown strategy 'dpp'; .*strategy=auto\|ddp\|deepspeed"),
+        (["trainer.accumulate_grad_batches=0"], r"trainer\.accumulate_grad_batches: expected an integer > 0"),
+        (["global_batch_size=6", "trainer.devices=4"],
+         r"global_batch_size: 6 is not divisible by the 4 ranks .* allowed: multiples of 4, e\.g\. \[4, 8, 12\]"),
+        (["global_batch_size=8", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
+         r"global_batch_size: 8 .*accumulate_grad_batches=3; allowed: multiples of 6"),
+        (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path: /nonexistent/last\.ckpt does not exist; allowed: auto, last"),
     ],
 )
 def test_bad_values_fail_naming_the_key(overrides, message, tmp_path):
     cfg = compose_config("train", overrides, tmp_path)
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
+
+
+def test_unknown_strategy_option_lists_the_options(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"strategy/ddq(.|\n)*Available options(.|\n)*deepspeed_stage_2"):
+        compose_config("train", ["strategy=ddq"], tmp_path)
+
+
+def test_global_batch_size_sets_the_per_rank_batch(tmp_path):
+    from train import apply_global_batch
+
+    cfg = compose_config("train", ["global_batch_size=12", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
+                         tmp_path)
+    validate_config(cfg)
+    apply_global_batch(cfg)
+    assert cfg.data.batch_size == 2
 
 
 def test_cli_prints_composed_config_with_overrides():
@@ -150,6 +178,13 @@ def test_cli_rejects_bad_config_before_training(tmp_path):
         (["module.i2v_probability=0.5"], r"module\.i2v_probability: > 0 needs model\.dit\.cond_channels=17"),
         (["data.height=36"], r"data\.height: 36 is not a multiple of the VAE's 8x spatial"),
         (["data.num_frames=8"], r"data\.num_frames: 8 does not fit the VAE's 4x temporal"),
+        (["model.dit.patch_size=[1,3,3]"],
+         r"model\.dit\.patch_size: \[1, 3, 3\] does not divide the latent clip .* h in \[1, 2, 4, 8\]"),
+        (["model.dit.patch_size=[2,2,2]", "data.num_frames=9"],
+         r"model\.dit\.patch_size: .*\(T, H, W\) = \(3, .*t in \[1, 3\]"),
+        (["model.dit.num_heads=3"], r"model\.dit\.num_heads: 3 does not split .*hidden_size=\d+.* allowed: \["),
+        (["module.ema_decay=1.5"], r"module\.ema_decay: expected a value in \[0, 1\)"),
+        (["module.caption_dropout=-0.1"], r"module\.caption_dropout: expected a probability in \[0, 1\]"),
     ],
 )
 def test_bad_stage2_values_fail_naming_the_key(overrides, message, tmp_path, vae_export_dir):

@@ -47,6 +47,11 @@ def test_two_ranks_two_workers_see_every_val_sample_once_and_equal_batches(tmp_p
     seen = sorted(k for r in reports for k in r["val_keys"])
     expected = sorted(video_item(f"{p}-{i}.mp4").key for p, n in (("v", 5), ("w", 2)) for i in range(n))
     assert seen == expected, "every validation sample exactly once across ranks and workers"
+    # a checkpoint holds both ranks' stream positions; each rank resumes its own stream exactly
+    assert [r["state_ranks"] for r in reports] == [2, 2]
+    for r in reports:
+        assert r["resumed_train_keys"] == r["train_keys"]
+    assert reports[0]["train_keys"] != reports[1]["train_keys"]
 
 
 def test_ddp_fit_on_uneven_shards_finishes_on_both_ranks(tmp_path):

@@ -13,7 +13,6 @@ import torch
 
 from tests.test_diffusion_module import make_module
 from vdm.data.encode import encode_frames
-from vdm.utils.checkpoints import checkpoint_hash
 from vdm.evaluation import (
     ENCODE_OPTIONS,
     GeneratedVideo,
@@ -26,6 +25,7 @@ from vdm.evaluation import (
     write_metrics,
     write_report,
 )
+from vdm.utils.checkpoints import checkpoint_hash
 
 GEN_KWARGS = dict(
     videos_per_prompt=2, batch_size=4, num_frames=5, height=32, width=32, num_steps=1, guidance_scale=2.0,

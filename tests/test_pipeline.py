@@ -14,7 +14,7 @@ import torch
 from tests.shards import corrupt_item, simple_corpus, video_item, write_corpus
 from vdm.data.buckets import Bucket
 from vdm.data.clips import ClipSpec
-from vdm.data.datamodule import VideoLoader
+from vdm.data.loader import VideoLoader
 from vdm.data.pipeline import VideoDataset
 from vdm.data.samples import batch_to_float, decode_clip
 from vdm.data.shards import expand_shards, iter_shard, shard_sample_counts

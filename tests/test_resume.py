@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from train import train
@@ -53,3 +54,21 @@ def test_same_command_again_resumes_automatically(tiny_train_cfg, caplog) -> Non
     assert f"resuming from {out / 'checkpoints'}" in caplog.text
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["global_step"] == 8
+
+
+def test_an_explicit_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from train import resume_path
+
+    run = tmp_path / "run"
+    good = _save(run / "checkpoints" / "step0000100.ckpt", 100, 1_000_000_000)
+    bad = _save(run / "checkpoints" / "step0000200.ckpt", 200, 2_000_000_000)
+    bad.write_bytes(bad.read_bytes()[:100])
+    cfg = OmegaConf.create({"ckpt_path": str(bad), "paths": {"output_dir": str(run)}})
+    with pytest.raises(RuntimeError, match=rf"{bad} is incomplete .* the newest complete one there is {good}"):
+        resume_path(cfg)
+    cfg.ckpt_path = "auto"
+    assert resume_path(cfg) == str(good)  # auto falls back to it
+    cfg.ckpt_path = str(good)
+    assert resume_path(cfg) == str(good)

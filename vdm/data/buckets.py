@@ -128,6 +128,10 @@ class BucketBatcher(Generic[T]):
             if items:
                 yield bucket, items
 
+    def items(self) -> list[tuple[Bucket, list[T]]]:
+        """The partial buffers (bucket, items), in the order the buckets first appeared; not emptied."""
+        return [(bucket, list(items)) for bucket, items in self._buffers.items()]
+
     def pending(self) -> int:
         """Items waiting in partial buffers."""
         return sum(len(v) for v in self._buffers.values())

@@ -7,7 +7,9 @@ of steps; ``val_batches`` caps it per rank. See vdm.data.pipeline for both modes
 
 The epoch for shuffling/seeding comes from the trainer (``trainer.current_epoch``) when attached, else
 from ``set_epoch`` / ``load_state_dict``; the loader pushes it to the workers each time it is iterated.
-``state_dict`` stores the epoch and seed only: a resumed run restarts the epoch's stream.
+``state_dict`` stores the epoch and seed; the training loader's own state (vdm.data.loader) holds the
+exact stream position, so a run resumed mid-epoch continues with the batches the interrupted one would
+have seen next.
 """
 
 from __future__ import annotations
@@ -20,37 +22,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
 
 from vdm.data.buckets import Bucket, bucket_preflight, parse_buckets
 from vdm.data.clips import IMAGE_MODES, SHORT_POLICIES, START_MODES, ClipSpec
 from vdm.data.decode import BACKENDS
+from vdm.data.loader import RESUME_MODES, VideoLoader
 from vdm.data.pipeline import Mode, VideoDataset
 from vdm.data.samples import batch_to_float
 from vdm.data.shards import dist_info, expand_shards, load_manifest, shard_sample_counts
 
 logger = logging.getLogger(__name__)
-
-
-def _identity(batch: Any) -> Any:
-    return batch
-
-
-class VideoLoader(DataLoader):
-    """DataLoader for a VideoDataset (batches come built) that sets the dataset epoch on every iter()."""
-
-    def __init__(
-        self, dataset: VideoDataset, *, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
-    ) -> None:
-        kwargs.setdefault("batch_size", None)
-        kwargs.setdefault("collate_fn", _identity)
-        super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
-
-    def __iter__(self):  # type: ignore[override]
-        if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -81,6 +62,7 @@ def _validate_args(args: dict[str, Any]) -> None:
         "image_mode": IMAGE_MODES,
         "backend": BACKENDS,
         "video_dtype": ("float32", "uint8"),
+        "resume": RESUME_MODES,
     }
     for name, allowed in choices.items():
         _check(args[name] in allowed, name, f"must be one of {allowed}, got {args[name]!r}")
@@ -128,6 +110,7 @@ class VideoDataModule(L.LightningDataModule):
         prefetch_factor: int | None = None,
         video_dtype: Literal["float32", "uint8"] = "float32",
         root: str | None = None,
+        resume: Literal["exact", "epoch"] = "exact",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -165,7 +148,7 @@ class VideoDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.seed, self.backend = shuffle_buffer, seed, backend
         self.max_skip_rate, self.skip_check_after, self.resampled = max_skip_rate, skip_check_after, resampled
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
-        self.prefetch_factor, self.video_dtype = prefetch_factor, video_dtype
+        self.prefetch_factor, self.video_dtype, self.resume = prefetch_factor, video_dtype, resume
         self.train_dataset: VideoDataset | None = None
         self.val_dataset: VideoDataset | None = None
         self.bucket_report: dict[str, Any] | None = None
@@ -302,6 +285,7 @@ class VideoDataModule(L.LightningDataModule):
         return VideoLoader(
             dataset,
             epoch_fn=epoch_fn,
+            resume=self.resume,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,

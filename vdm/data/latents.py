@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -191,6 +191,7 @@ class LatentDataModule(VideoDataModule):
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
+        resume: Literal["exact", "epoch"] = "exact",
     ) -> None:
         # the pixel clip shape the latents stand for (checked against the corpus when given)
         clip_shape = {"num_frames": num_frames, "height": height, "width": width}
@@ -217,6 +218,7 @@ class LatentDataModule(VideoDataModule):
             num_frames=num_frames,
             height=height,
             width=width,
+            resume=resume,
         )
         if self.manifest is None:
             raise ValueError("LatentDataModule: needs a manifest (or root) to know the VAE and latent shape")

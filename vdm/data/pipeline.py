@@ -9,8 +9,11 @@ split over its workers (worker w yields ``n // W + (w < n % W)``), from an endle
 shards can never leave one rank waiting in a collective. The stream is either resampled (each slot
 draws shards with replacement, seeded by seed/epoch/rank/worker) or cycled (every pass shuffles the
 shard list with a seed shared by all slots, then slot s takes shards ``s::slots``; with fewer shards
-than slots every slot reads all shards and keeps samples ``(j + pass) % slots == s``). A seeded shuffle
-buffer of encoded samples mixes samples within each worker. Epochs restart the stream with new seeds.
+than slots every slot reads all shards and keeps sample k of the pass's shard i when
+``(k + i + pass) % slots == s``). A seeded shuffle buffer of encoded samples mixes samples within each
+worker. Epochs restart the stream with new seeds. The stream's position is exact and restorable (see
+vdm.data.stream): with ``track_position`` each batch carries ``"_stream": (worker, snapshot)``, and
+``resume`` (set by the loader from a checkpoint) makes the workers continue mid-epoch.
 
 Exact mode (``mode="exact"``, validation/evaluation): each sample is read by exactly one slot, in
 order, no shuffling: shard ``i`` goes to slot ``i % slots`` when there are at least as many shards as
@@ -23,8 +26,7 @@ the duplicates. A ``batches_per_epoch`` cap makes every rank yield exactly that 
 
 Rank/world come from the constructor, else torch.distributed when initialised, else env RANK /
 WORLD_SIZE; the worker id from ``torch.utils.data.get_worker_info``. ``set_epoch`` writes a
-shared-memory counter, so persistent workers see it too. No stream position is saved: resuming
-restarts the epoch's stream (exact mid-epoch resume is not provided).
+shared-memory counter, so persistent workers see it too.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -45,27 +45,13 @@ from vdm.data.buckets import Bucket, BucketBatcher
 from vdm.data.clips import ClipSpec
 from vdm.data.decode import BACKENDS, Backend
 from vdm.data.samples import SKIPPABLE, Clip, collate_clips, decode_clip
-from vdm.data.shards import derive_seed, dist_info, expand_shards, iter_shard, worker_info
+from vdm.data.shards import SHARD_ERRORS, derive_seed, dist_info, expand_shards, iter_shard, worker_info
 from vdm.data.skips import SharedSkipCounters, SkipStats
+from vdm.data.stream import TrainStream
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["train", "exact"]
-SHARD_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, tarfile.TarError)
-
-
-def shuffle_stream(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Buffered shuffle: keep ``size`` items, emit a random one as each new item arrives."""
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 def quota(total: int, parts: int, index: int) -> int:
@@ -127,6 +113,11 @@ class VideoDataset(IterableDataset):
         self.video_dtype = torch.uint8 if video_dtype == "uint8" else torch.float32
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.skip_counters = SharedSkipCounters()
+        self.shard_errors = SHARD_ERRORS
+        # training mode: batches carry their stream snapshot; ``resume`` continues an epoch mid-way
+        # ({"epoch", "offset": batches consumed % workers, "workers": {logical worker: snapshot}})
+        self.track_position = False
+        self.resume: dict[str, Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Seed shuffling and clip sampling of the next iteration with ``epoch`` (all workers)."""
@@ -159,15 +150,7 @@ class VideoDataset(IterableDataset):
         stats = SkipStats(self.max_skip_rate, self.skip_check_after, where=f"rank {rank} worker {worker}")
         rng = np.random.default_rng(derive_seed(self.seed, epoch, rank, worker, "clips"))
         if self.mode == "train":
-            count = quota(self.batches_per_epoch or 0, num_workers, worker)
-            if count == 0:
-                return
-            raw = self._train_stream(slot, slots, epoch, rank, worker, stats)
-            if self.shuffle_buffer > 1:
-                shuffle_rng = random.Random(derive_seed(self.seed, epoch, rank, worker, "shuffle"))
-                raw = shuffle_stream(raw, self.shuffle_buffer, shuffle_rng)
-            batches = self._batches(self._clips(raw, stats, rng, slot), flush=False)
-            yield from itertools.islice(batches, count)
+            yield from self._train_batches(rank, world, worker, num_workers, epoch, stats)
             return
         yield from self._exact_batches(slot, slots, world, worker, num_workers, stats, rng)
 
@@ -181,38 +164,30 @@ class VideoDataset(IterableDataset):
             except SHARD_ERRORS as exc:
                 stats.record_skip("<shard>", url, exc)
 
-    def _train_stream(
-        self, slot: int, slots: int, epoch: int, rank: int, worker: int, stats: SkipStats
+    def _train_batches(
+        self, rank: int, world: int, worker: int, num_workers: int, epoch: int, stats: SkipStats
     ) -> Iterator[dict[str, Any]]:
-        """Endless raw samples for one slot (resampled or cycled shards, see module docstring)."""
-        urls, idle = self.urls, 0
-        if self.resampled:
-            rng = random.Random(derive_seed(self.seed, epoch, rank, worker, "resample"))
-            while True:
-                got = 0
-                for sample in self._read([rng.choice(urls) for _ in range(len(urls))], stats):
-                    got += 1
-                    yield sample
-                idle = 0 if got else idle + 1
-                if idle > 4:
-                    raise RuntimeError(f"no samples in {4 * len(urls)} draws from shards {urls[:3]}...")
-        for pass_index in itertools.count():
-            order = list(urls)
-            random.Random(derive_seed(self.seed, epoch, pass_index, "shards")).shuffle(order)
-            got = 0
-            if len(order) >= slots:
-                stream = self._read(order[slot::slots], stats)
-            else:
-                offset = pass_index % slots
-                stream = (s for j, s in enumerate(self._read(order, stats)) if (j + offset) % slots == slot)
-            for sample in stream:
-                got += 1
-                yield sample
-            idle = 0 if got else idle + 1
-            if idle > slots:
-                raise RuntimeError(
-                    f"slot {slot} of {slots} got no samples in {idle} passes over {urls[:3]}..."
-                )
+        """This worker's share of the epoch's batches; mid-epoch after a resume (see vdm.data.stream)."""
+        resume = self.resume if self.resume is not None and self.resume["epoch"] == epoch else None
+        # after a resume the DataLoader asks worker 0 first, so workers are rotated to keep the order
+        logical = (worker + (resume["offset"] if resume else 0)) % num_workers
+        count = quota(self.batches_per_epoch or 0, num_workers, logical)
+        slot = rank * num_workers + logical
+        stream = TrainStream(
+            self,
+            slot=slot,
+            slots=world * num_workers,
+            epoch=epoch,
+            rank=rank,
+            worker=logical,
+            stats=stats,
+            on_decoded=lambda ok: self.skip_counters.add(slot, ok=int(ok), skipped=int(not ok)),
+        )
+        snap = resume["workers"].get(logical) if resume else None
+        for batch, after in stream.batches(count, snap):
+            if self.track_position:
+                batch["_stream"] = (logical, after)
+            yield batch
 
     def _exact_split(self, slots: int) -> str:
         if self.split != "auto":

@@ -128,13 +128,49 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+SHARD_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, tarfile.TarError)
+
+
+def sample_offset(path: str, index: int) -> int | None:
+    """Byte offset of the first tar header of sample ``index`` in a local shard (headers only, seeking
+    past member data); None when the shard has fewer samples."""
+    count, previous = -1, None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            prefix, _ = base_plus_ext(member.name)
+            if prefix is None or os.path.basename(prefix).startswith("__"):
+                continue
+            if prefix != previous:
+                count, previous = count + 1, prefix
+                if count == index:
+                    return member.offset
+    return None
+
+
+def iter_shard(url: str, skip: int = 0) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar shard: {"__key__", "__url__", ext: bytes, ...} (webdataset's tar expansion
-    and key grouping); closes the stream (and its pipe process) also when the consumer stops early."""
-    stream = wds.gopen(url, "rb")
+    and key grouping), from sample index ``skip`` on; closes the stream (and its pipe process) also when
+    the consumer stops early. A local shard is entered by seeking to the sample's header; a remote one
+    is read through."""
+    local = None if _is_remote(url) else (url[len("file:") :] if url.startswith("file:") else url)
+    if skip and local is not None:
+        offset = sample_offset(local, skip)
+        if offset is None:
+            return
+        stream = open(local, "rb")
+        stream.seek(offset)
+        skip = 0
+    else:
+        stream = wds.gopen(url, "rb")
     try:
         files = tar_file_expander([{"url": url, "stream": stream}])
-        yield from group_by_keys(files)
+        samples = group_by_keys(files)
+        for _ in range(skip):
+            if next(samples, None) is None:
+                return
+        yield from samples
     finally:
         try:
             stream.close()

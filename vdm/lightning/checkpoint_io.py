@@ -4,12 +4,14 @@ A process killed in the middle of ``torch.save`` leaves a truncated file; under 
 would shadow the previous good checkpoint (and Lightning's ``ModelCheckpoint`` would already have deleted
 the older ones). Here the bytes go to ``<name>.tmp<pid>`` in the same directory, are flushed to disk, and only
 then replace ``<name>`` in one atomic rename, so every checkpoint name always refers to a complete file.
+The temporary file of a process killed mid-save is removed by the next save of the same name.
 DeepSpeed's directory checkpoints have their own completion marker (the ``latest`` file, written last),
 which ``vdm.utils.resume`` checks.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        for stale in target.parent.glob(f"{glob.escape(target.name)}.tmp*"):
+            stale.unlink(missing_ok=True)  # left by a process killed while saving (one writer per name)
         try:
             with open(tmp, "wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a crash of the machine right after cannot undo it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not fsync directories
+    finally:
+        os.close(fd)

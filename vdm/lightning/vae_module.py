@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from vdm.data.shards import derive_seed
 from vdm.lightning.nonfinite import (
     NonFinitePolicy,
     check_policy,
@@ -38,7 +39,9 @@ class VAEModule(L.LightningModule):
     Manual optimization: one generator and one discriminator step per batch; ``global_step`` counts
     generator steps (the discriminator's optimizer is stepped directly), so ``max_steps`` means batches.
     Validation: loss with the posterior mode, per-frame PSNR and SSIM, LPIPS when available, and the PSNR
-    of the trivial baseline predicting each clip's mean frame.
+    of the trivial baseline predicting each clip's mean frame. The posterior noise of a training step is
+    drawn from a generator seeded by (run seed, step, rank), so a resumed run draws what the uninterrupted
+    one did, with no RNG state to save.
     """
 
     def __init__(
@@ -90,12 +93,21 @@ class VAEModule(L.LightningModule):
         )
         self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_keys: list[str] | None = None
+        self._base_seed: int | None = None
 
     @property
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
 
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of this training step's posterior noise: seeded by (run seed, step, rank)."""
+        if self._base_seed is None:
+            self._base_seed = torch.initial_seed()  # set by seed_everything(cfg.seed)
+        seed = derive_seed(self._base_seed, self.global_step, self.global_rank, "posterior")
+        return torch.Generator(device=device).manual_seed(seed)
+
     def setup(self, stage: str) -> None:
+        self._base_seed = torch.initial_seed()
         set_deepspeed_gradient_clipping(self.trainer.strategy, self.hparams.grad_clip)
         if self.discriminator is not None and self.trainer.precision == "16-mixed":
             raise ValueError(
@@ -118,7 +130,9 @@ class VAEModule(L.LightningModule):
     def generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Total generator loss, its logged terms, and the reconstruction (for the discriminator step)."""
         # the model's own dtype: fp32 under autocast, bf16 when DeepSpeed runs the module in bf16
-        x_hat, posterior = self.model(x.to(param_dtype(self.model)), sample_posterior=self.hparams.sample_posterior)
+        sample = self.hparams.sample_posterior
+        generator = self.step_generator(x.device) if sample else None
+        x_hat, posterior = self.model(x.to(param_dtype(self.model)), sample_posterior=sample, generator=generator)
         x_hat = x_hat.to(x.dtype)
         terms = self.reconstruction_terms(x, x_hat)
         terms["kl"] = posterior.kl(reduction="mean").mean()

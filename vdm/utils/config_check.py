@@ -3,7 +3,7 @@
 Every node with a ``_target_`` is checked against the signature of the callable it names: unknown keys
 (typos such as ``trainer.max_stepz``) and values whose type cannot match the annotation fail here, with the
 full key in the message, instead of minutes later inside a constructor or a worker process. Range and
-cross-field rules that signatures cannot express live in ``check_project_rules``.
+cross-field rules that signatures cannot express live in ``vdm.utils.config_rules``.
 """
 
 from __future__ import annotations
@@ -11,21 +11,17 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import json
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vdm.utils.config_rules import ConfigError, check_project_rules
+
 _HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type or range; the message names the key."""
 
 
 def validate_config(cfg: DictConfig, skip: Sequence[str] = ("hydra",)) -> None:
@@ -132,6 +128,16 @@ def _injected(key: str, name: str) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    """An annotation as allowed values: ``one of 'skip', 'pad'``, ``int or None``, ``list[int]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -165,126 +171,3 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin in (dict, Mapping) or tp is dict:
         return isinstance(value, Mapping)
     return True
-
-
-def _get(cfg: Mapping, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _require(cfg: Mapping, key: str, ok: Callable[[Any], bool], what: str) -> None:
-    value = _get(cfg, key)
-    if value is not None and not ok(value):
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
-
-
-def check_project_rules(cfg: Mapping) -> None:
-    """Ranges and cross-field rules of vdm's own keys (resolved plain-dict config)."""
-    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    _require(cfg, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
-    for key in ("data.batch_size", "data.val_batch_size", "data.num_frames", "data.height", "data.width"):
-        _require(cfg, key, positive, "an integer > 0")
-    _require(cfg, "data.num_workers", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
-    _require(cfg, "data.max_skip_rate", lambda v: 0.0 <= v <= 1.0, "a rate in [0, 1]")
-    _require(cfg, "optimizer.lr", lambda v: isinstance(v, (int, float)) and v > 0, "a learning rate > 0")
-    _require(cfg, "trainer.max_steps", lambda v: v == -1 or (isinstance(v, int) and v > 0), "-1 or > 0")
-    if _get(cfg, "module._target_") == "vdm.lightning.vae_module.VAEModule":
-        _check_vae_shapes(cfg)
-    if _get(cfg, "module._target_") == "vdm.lightning.diffusion_module.DiffusionModule":
-        _check_diffusion(cfg)
-    _check_metric_weights(cfg)
-    _check_strategy(cfg)
-
-
-def _check_strategy(cfg: Mapping) -> None:
-    """Combinations a strategy cannot serve fail here, not at the first step."""
-    strategy = _get(cfg, "trainer.strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else str(strategy or "")
-    stage1 = _get(cfg, "module._target_") == "vdm.lightning.vae_module.VAEModule"
-    if "deepspeed" in target.lower() and stage1 and _get(cfg, "trainer.strategy.stage") == 3:
-        raise ConfigError(
-            "trainer.strategy.stage: 3 is not supported for stage 1 (the VAE export at the end of fit runs "
-            "the model on one rank, which ZeRO-3's sharded parameters do not allow); the VAE fits in one "
-            "GPU: use strategy=deepspeed_stage_2, ddp or fsdp"
-        )
-    if "deepspeed" in target.lower() and _get(cfg, "module.discriminator") is not None:
-        raise ConfigError(
-            "module.discriminator: DeepSpeed drives a single optimizer, but stage 1 with its GAN has two; "
-            "use strategy=ddp or strategy=fsdp, or train without the GAN (module.discriminator=null "
-            "module.disc_optimizer=null)"
-        )
-def _check_metric_weights(cfg: Mapping) -> None:
-    """Metric weights exist locally, and FVD's I3D gets enough frames (its logits pool needs >= 9)."""
-    for key in ("metrics.clip_path", "metrics.i3d_path"):
-        path = _get(cfg, key)
-        if path is not None and not Path(str(path)).exists():
-            raise ConfigError(f"{key}: {path} does not exist (weights load from local paths only)")
-    frames = _get(cfg, "data.num_frames")
-    if _get(cfg, "metrics.i3d_path") is not None and isinstance(frames, int) and frames < 9:
-        raise ConfigError(f"data.num_frames: {frames}, but FVD (metrics.i3d_path) needs clips of >= 9 frames")
-
-
-def _check_vae_shapes(cfg: Mapping, vae_key: str = "model") -> None:
-    """Clip shape must fit the VAE's compression: T = 1 + tc * k, H and W multiples of sc."""
-    mults = _get(cfg, f"{vae_key}.channel_mults")
-    tdown = _get(cfg, f"{vae_key}.temporal_downsample")
-    if mults is None or tdown is None:
-        return
-    patch = _get(cfg, f"{vae_key}.patch_size")
-    sc = (patch if isinstance(patch, int) else 1) * 2 ** (len(mults) - 1)
-    tc = 2 ** sum(bool(x) for x in tdown)
-    frames, h, w = (_get(cfg, f"data.{k}") for k in ("num_frames", "height", "width"))
-    if isinstance(frames, int) and (frames - 1) % tc:
-        ok = [1 + tc * k for k in range(1, 5)]
-        raise ConfigError(
-            f"data.num_frames: {frames} does not fit the VAE's {tc}x temporal compression "
-            f"(needs 1 + {tc}k frames, e.g. {ok})"
-        )
-    for key, size in (("data.height", h), ("data.width", w)):
-        if isinstance(size, int) and size % sc:
-            raise ConfigError(f"{key}: {size} is not a multiple of the VAE's {sc}x spatial compression")
-
-
-def _check_diffusion(cfg: Mapping) -> None:
-    """Stage 2: the VAE export exists and fits the DiT (channels), the clip shape and the text encoder."""
-    export = _get(cfg, "model.vae_export")
-    config_file = Path(str(export)) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(
-            f"model.vae_export: {export} is not a VAE export (no config.json); "
-            "train stage 1 first (python train.py stage=vae writes <output_dir>/vae_export)"
-        )
-    vae = json.loads(config_file.read_text())
-    _check_vae_shapes({**cfg, "vae": vae}, "vae")
-    channels = int(vae.get("latent_channels", 0))
-    in_channels, cond = _get(cfg, "model.dit.in_channels"), _get(cfg, "model.dit.cond_channels") or 0
-    if in_channels is not None and in_channels != channels:
-        raise ConfigError(f"model.dit.in_channels: {in_channels}, but the VAE export has {channels} channels")
-    if cond not in (0, channels + 1):
-        raise ConfigError(f"model.dit.cond_channels: {cond}, expected 0 or {channels + 1} (latent + mask)")
-    if (_get(cfg, "module.i2v_probability") or 0) > 0 and cond == 0:
-        raise ConfigError(f"module.i2v_probability: > 0 needs model.dit.cond_channels={channels + 1}")
-    text_dim = _text_encoder_width(cfg)
-    context_dim = _get(cfg, "model.dit.context_dim")
-    if text_dim is not None and context_dim is not None and context_dim != text_dim:
-        raise ConfigError(f"model.dit.context_dim: {context_dim}, but the text encoder's width is {text_dim}")
-
-
-def _text_encoder_width(cfg: Mapping) -> int | None:
-    """Hidden size of the configured text encoder (its config.json, or the stand-in still to be built)."""
-    path = _get(cfg, "model.text_encoder.path")
-    config_file = Path(str(path)) / "config.json"
-    if path is not None and config_file.is_file():
-        config = json.loads(config_file.read_text())
-        config = config.get("text_config", config)
-        return config.get("d_model", config.get("hidden_size"))
-    if _get(cfg, "synthetic_text_encoder") is not None:
-        return _get(cfg, "synthetic_text_encoder.hidden_size")
-    raise ConfigError(
-        f"model.text_encoder.path: {path} holds no text encoder (config.json); put a local T5/CLIP "
-        "directory there (nothing is downloaded)"
-    )
