@@ -72,6 +72,7 @@ class EncodedSample:
             "key": self.key, "source": self.source, "kind": info.kind, "frames": info.frames,
             "fps": info.fps, "duration": info.duration, "width": info.width, "height": info.height,
             "codec": info.codec, "split": self.split, "reencoded": self.reencoded, "extra": dict(self.extra),
+            "rotation": info.rotation,
         }
 
     def members(self) -> dict[str, bytes]:

@@ -6,6 +6,11 @@ other JSON fields go to meta "extra"). Every other file (any extension that is n
 .txt/.json) is reported as skipped with "unsupported extension"; hidden files and folders (names
 starting with ".") and the output folder are ignored.
 
+Captions are kept whole (a text encoder truncates later), with surrounding whitespace stripped; no
+sidecar, an empty one or an empty caption field gives the empty caption. Sidecars must be UTF-8 (a
+leading byte-order mark is dropped): any other encoding rejects the input with "unreadable caption
+sidecar NAME: ..." rather than guess at the text.
+
 Manifests (.csv, .jsonl): columns ``path`` (required; relative paths resolve against the manifest's
 folder), ``caption`` (or ``text``), optional ``split`` (train/val; empty = hash split); other columns
 go to "extra". Rows without a caption column fall back to sidecars.
@@ -98,12 +103,12 @@ def read_sidecars(media: Path) -> tuple[str, dict[str, Any]]:
     txt, js = media.with_suffix(".txt"), media.with_suffix(".json")
     if txt.is_file():
         try:
-            caption = txt.read_text(encoding="utf-8").strip()
+            caption = txt.read_text(encoding="utf-8-sig").strip()
         except (OSError, UnicodeDecodeError) as err:
             raise SidecarError(f"unreadable caption sidecar {txt.name}: {err}") from None
     if js.is_file():
         try:
-            data = json.loads(js.read_text(encoding="utf-8"))
+            data = json.loads(js.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SidecarError(f"unreadable caption sidecar {js.name}: {err}") from None
         if not isinstance(data, dict):
@@ -148,7 +153,7 @@ def discover_manifest(manifest: Path) -> tuple[list[SourceItem], list[Skip]]:
 
 
 def _read_csv(manifest: Path) -> list[tuple[str, dict[str, Any] | str]]:
-    with manifest.open(newline="", encoding="utf-8") as f:
+    with manifest.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise ValueError(f"{manifest}: CSV manifest needs a 'path' column, got {reader.fieldnames}")
@@ -158,7 +163,7 @@ def _read_csv(manifest: Path) -> list[tuple[str, dict[str, Any] | str]]:
 
 def _read_jsonl(manifest: Path) -> list[tuple[str, dict[str, Any] | str]]:
     rows: list[tuple[str, dict[str, Any] | str]] = []
-    for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(manifest.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{manifest.name}:{lineno}"

@@ -159,7 +159,9 @@ def test_corrupt_samples_skipped_and_counted(tmp_path: Path) -> None:
     dataset = make(str(tmp_path / "train-*.tar"), max_skip_rate=0.5, skip_check_after=1)
     batches = run(dataset, workers=2)
     assert sorted(keys_of(batches)) == sorted(i.key for i in good)
-    assert dataset.skip_counters.summary() == {"seen": 8, "ok": 5, "skipped": 3, "rate": 3 / 8}
+    assert dataset.skip_counters.summary() == {
+        "seen": 8, "ok": 5, "skipped": 3, "rate": 3 / 8, "reasons": {"DecodeError": 2, "ClipTooShortError": 1}
+    }
 
 
 def test_broken_tar_counted_as_skip(tmp_path: Path) -> None:
@@ -169,6 +171,13 @@ def test_broken_tar_counted_as_skip(tmp_path: Path) -> None:
     dataset = make(str(tmp_path / "train-*.tar"), batch_size=1, max_skip_rate=1.0)
     keys = keys_of(run(dataset))
     assert 3 <= len(keys) < 6 and dataset.skip_counters.summary()["skipped"] == 1
+    # the cut tar ends in a sample missing its media member
+    assert dataset.skip_counters.summary()["reasons"] == {"SampleError": 1}
+    (tmp_path / "train-000002.tar").write_bytes(b"not a tar archive" * 64)
+    dataset = make(str(tmp_path / "train-*.tar"), batch_size=1, max_skip_rate=1.0)
+    assert keys_of(run(dataset, workers=2)) and dataset.skip_counters.summary()["reasons"] == {
+        "SampleError": 1, "shard": 1
+    }
 
 
 def test_skip_rate_abort(tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ to ``target_fps``; steps below 1 repeat frames). The clip needs ``offsets[-1] + 
 Videos shorter than that follow the short policy: ``skip`` raises ClipTooShortError (counted as a
 skipped sample by the pipeline), ``pad`` repeats the last frame, ``loop`` wraps around to frame 0.
 
+Variable frame rate: with ``target_fps`` and frame times that stray from a constant rate, frames are
+chosen by time instead (``clip_indices_by_time``): clip frame ``i`` is the last frame shown at
+``start + i / target_fps``, ``start`` being the time of one of the frames a whole clip fits after.
+
 Resizing crops the source window that maps onto the target after a shorter-side resize, then resizes
 only that window (less work than resizing the whole frame), in uint8 channels-last with bilinear
 filtering and antialiasing when downscaling; the float conversion to [-1, 1] is one fused copy.
@@ -128,6 +132,62 @@ def clip_indices(
     else:
         raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
     return (offsets + first).tolist(), fps
+
+
+def is_variable_rate(timestamps: np.ndarray | None) -> bool:
+    """True when frame intervals differ by more than half the median interval (VFR, or dropped frames)."""
+    if timestamps is None or len(timestamps) < 3:
+        return False
+    intervals = np.diff(np.asarray(timestamps, dtype=np.float64))
+    median = float(np.median(intervals))
+    return median > 0 and float(intervals.max() - intervals.min()) > 0.5 * median
+
+
+def timestamp_fps(timestamps: np.ndarray) -> float:
+    """Average frame rate measured from frame times: (frames - 1) / (last - first); 0.0 if unknown."""
+    span = float(timestamps[-1] - timestamps[0]) if len(timestamps) > 1 else 0.0
+    return (len(timestamps) - 1) / span if span > 0 else 0.0
+
+
+def clip_indices_by_time(
+    timestamps: np.ndarray,
+    num_frames: int,
+    *,
+    target_fps: float,
+    start: StartMode = "random",
+    short_policy: ShortPolicy = "skip",
+    rng: np.random.Generator | None = None,
+) -> tuple[list[int], float]:
+    """Source frame indices of one clip sampled at ``target_fps`` by frame time, and ``target_fps``.
+
+    ``timestamps``: (N,) increasing presentation times in seconds. Starts and short policies follow
+    ``clip_indices``: a clip needs ``(num_frames - 1) / target_fps`` seconds after its first frame.
+    """
+    times = np.asarray(timestamps, dtype=np.float64) - float(timestamps[0])
+    offsets = np.arange(num_frames, dtype=np.float64) / float(target_fps)
+    starts = times[times + offsets[-1] <= times[-1] + 1e-9]
+    if len(starts) == 0:
+        if short_policy == "skip":
+            raise ClipTooShortError(
+                f"video lasts {times[-1]:.3f} s, clip needs {offsets[-1]:.3f} s "
+                f"({num_frames} frames at {target_fps:g} fps); short_policy='skip'"
+            )
+        if short_policy == "loop":
+            period = times[-1] * len(times) / max(len(times) - 1, 1) or 1.0 / float(target_fps)
+            offsets = offsets % period
+        elif short_policy != "pad":
+            raise ValueError(f"short_policy must be one of {SHORT_POLICIES}, got {short_policy!r}")
+        first = 0.0
+    elif start == "center":
+        first = float(starts[(len(starts) - 1) // 2])
+    elif start == "random":
+        if rng is None:
+            raise ValueError("start='random' needs a seeded numpy Generator (rng=)")
+        first = float(starts[int(rng.integers(0, len(starts)))])
+    else:
+        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+    indices = np.searchsorted(times, first + offsets + 1e-9, side="right") - 1
+    return indices.tolist(), float(target_fps)
 
 
 def crop_window(

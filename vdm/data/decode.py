@@ -1,8 +1,12 @@
 """Decode video and image bytes into uint8 frames, reading only the frames a clip needs.
 
 Backends: decord (``get_batch`` on the requested indices) or PyAV (sequential decode up to the last
-requested index, with a keyframe seek first when the clip starts far into the video). Images decode
-with Pillow as one-frame videos.
+requested index, with a keyframe seek first when the clip starts far into the video; frames are found
+by their timestamps, so variable frame rate videos seek correctly). Images decode with Pillow as
+one-frame videos. Both backends serve frames upright: decord applies a display matrix rotating by a
+multiple of 90 degrees, and PyAV frames are turned the same way (``rotation`` of the first frame,
+see vdm.data.probe); ``info`` holds the upright sizes. 10-bit and 4:2:2/4:4:4 streams decode to 8-bit
+RGB; the two backends' conversions then agree within a few levels (bit-identical for 8-bit 4:2:0).
 
 decord 0.6.0 returns wrongly shaped frames for some sizes (a 48x32 H.264 video gives 4 channels and
 ``get_batch`` fails a size check), so its output is validated against ``(T, H, W, 3)`` with H/W taken
@@ -17,8 +21,9 @@ loaded first break some PyAV codecs (libvpx) in the same process.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +31,7 @@ import av  # before decord, see module docstring
 import numpy as np
 
 from vdm.data.formats import IMAGE_EXTS, VIDEO_EXTS, normalize_ext
+from vdm.data.probe import quarter_turns
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,8 @@ class MediaInfo:
 
 
 def _has_video_signature(data: bytes) -> bool:
-    """True when the bytes start like an MP4/MOV, Matroska/WebM, AVI, MPEG-TS or FLV file."""
+    """True when the bytes start like an MP4/MOV, Matroska/WebM, AVI, MPEG-TS (sync bytes 188 apart)
+    or FLV file."""
     if len(data) < 12:
         return False
     if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
@@ -61,7 +68,7 @@ def _has_video_signature(data: bytes) -> bool:
         return True
     if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
         return True
-    return data[:1] == b"\x47" or data[:3] == b"FLV"
+    return (data[:1] == b"\x47" and data[188:189] == b"\x47") or data[:3] == b"FLV"
 
 
 def _pyav_frame_count(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
@@ -74,7 +81,7 @@ def _pyav_frame_count(container: av.container.InputContainer, stream: av.video.s
 
 
 class PyAVVideo:
-    """A video opened with PyAV; ``read`` decodes only up to the last requested frame."""
+    """A video opened with PyAV; ``read`` decodes only up to the last requested frame, turned upright."""
 
     def __init__(self, data: bytes, *, threads: bool = True) -> None:
         self._data = data
@@ -82,6 +89,8 @@ class PyAVVideo:
             self._container = av.open(io.BytesIO(data))
         except Exception as exc:  # PyAV raises several error types for bad input
             raise DecodeError(f"PyAV could not open the video: {type(exc).__name__}: {exc}") from exc
+        self._pts: list[int] | None = None  # presentation timestamps in frame order, [] when unusable
+        self._pending: Iterator[av.VideoFrame] | None = None  # a decoder still at frame 0
         try:
             self._stream, self.info = self._probe(threads)
         except Exception as exc:
@@ -89,7 +98,6 @@ class PyAVVideo:
             if isinstance(exc, DecodeError):
                 raise
             raise DecodeError(f"PyAV could not read the video stream: {type(exc).__name__}: {exc}") from exc
-        self._fresh = True  # nothing decoded yet: no rewind needed for a read from frame 0
 
     def _probe(self, threads: bool) -> tuple[av.video.stream.VideoStream, MediaInfo]:
         if not self._container.streams.video:
@@ -100,7 +108,15 @@ class PyAVVideo:
         rate = stream.average_rate or stream.guessed_rate
         ctx = stream.codec_context
         frames = _pyav_frame_count(self._container, stream)
-        info = MediaInfo("video", frames, float(rate) if rate else 0.0, ctx.height, ctx.width)
+        # the first frame carries the display rotation; its decoder stays ready for a read from frame 0
+        decoder = self._container.decode(stream)
+        first = next(decoder, None)
+        if first is None:
+            raise DecodeError("PyAV decoded no frame from the video stream")
+        self._pending = itertools.chain([first], decoder)
+        self.turns = quarter_turns(first.rotation)
+        height, width = (ctx.width, ctx.height) if self.turns % 2 else (ctx.height, ctx.width)
+        info = MediaInfo("video", frames, float(rate) if rate else 0.0, height, width)
         if info.num_frames <= 0 or info.height <= 0 or info.width <= 0:
             raise DecodeError(f"PyAV found an empty video stream ({info})")
         return stream, info
@@ -110,7 +126,7 @@ class PyAVVideo:
         wanted = sorted(set(int(i) for i in indices))
         _check_indices(wanted, self.info.num_frames)
         try:
-            got = self._decode_seek(wanted) if wanted[0] >= SEEK_THRESHOLD and self.info.fps > 0 else None
+            got = self._decode_seek(wanted) if wanted[0] >= SEEK_THRESHOLD else None
             if got is None:
                 got = self._decode_from_start(wanted)
         except DecodeError:
@@ -124,34 +140,51 @@ class PyAVVideo:
             raise DecodeError(
                 f"stream ended before frame {missing[0]} (header says {self.info.num_frames} frames)"
             )
-        return np.stack([got[int(i)] for i in indices])
+        frames = np.stack([got[int(i)] for i in indices])
+        return np.ascontiguousarray(np.rot90(frames, self.turns, axes=(1, 2))) if self.turns else frames
 
     def _decode_from_start(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        if not self._fresh:
+        frames, self._pending = self._pending, None
+        if frames is None:
             self._container.seek(0)
-        self._fresh = False
+            frames = self._container.decode(self._stream)
         need, last, got = set(wanted), wanted[-1], {}
-        for index, frame in enumerate(self._container.decode(self._stream)):
+        for index, frame in enumerate(frames):
             if index in need:
                 got[index] = frame.to_ndarray(format="rgb24")
             if index >= last:
                 break
         return got
 
+    def _frame_pts(self) -> list[int] | None:
+        """Presentation timestamps of the frames in order (from a demux, no decoding); None if unusable."""
+        if self._pts is None:
+            self._pending = None
+            self._container.seek(0)
+            pts = [p.pts for p in self._container.demux(self._stream) if p.size]
+            usable = None not in pts and len(set(pts)) == len(pts) == self.info.num_frames
+            self._pts = sorted(pts) if usable else []
+        return self._pts or None
+
+    def timestamps(self) -> np.ndarray | None:
+        """(num_frames,) float64 presentation times in seconds from the first frame; None if unknown."""
+        pts, tb = self._frame_pts(), self._stream.time_base
+        if pts is None or tb is None:
+            return None
+        return (np.asarray(pts, dtype=np.float64) - pts[0]) * float(tb)
+
     def _decode_seek(self, wanted: list[int]) -> dict[int, np.ndarray] | None:
         """Seek to the keyframe before the first wanted frame; None when timestamps are unusable."""
-        stream, tb = self._stream, self._stream.time_base
-        start_pts = stream.start_time or 0
-        if tb is None:
+        pts = self._frame_pts()
+        if pts is None:
             return None
-        target = start_pts + int(round(wanted[0] / self.info.fps / float(tb)))
-        self._fresh = False
-        self._container.seek(target, stream=stream, backward=True, any_frame=False)
+        index_of = {p: i for i, p in enumerate(pts)}
+        self._container.seek(pts[wanted[0]], stream=self._stream, backward=True, any_frame=False)
         need, last, got = set(wanted), wanted[-1], {}
-        for frame in self._container.decode(stream):
-            if frame.pts is None:
+        for frame in self._container.decode(self._stream):
+            index = index_of.get(frame.pts)
+            if index is None:
                 return None
-            index = int(round((frame.pts - start_pts) * float(tb) * self.info.fps))
             if index > wanted[0] and not got and index not in need:
                 return None  # landed after the first wanted frame: fall back to decoding from the start
             if index in need:
@@ -161,6 +194,7 @@ class PyAVVideo:
         return got
 
     def close(self) -> None:
+        self._pending = None
         self._container.close()
 
 
@@ -201,6 +235,14 @@ class DecordVideo:
             self._fallback = PyAVVideo(self._data)
         return self._fallback.read(indices)
 
+    def timestamps(self) -> np.ndarray | None:
+        """(num_frames,) float64 presentation times in seconds from the first frame; None if unknown."""
+        try:
+            times = self._reader.get_frame_timestamp(list(range(self.info.num_frames)))[:, 0]
+        except Exception:  # decord raises several error types; the caller then uses the average rate
+            return None
+        return np.asarray(times, dtype=np.float64) - float(times[0])
+
     def close(self) -> None:
         if self._fallback is not None:
             self._fallback.close()
@@ -223,6 +265,9 @@ class ImageMedia:
         """(len(indices), H, W, 3) uint8; every index must be 0."""
         _check_indices(indices, 1)
         return np.repeat(self._frame[None], len(indices), axis=0)
+
+    def timestamps(self) -> np.ndarray | None:
+        return None
 
     def close(self) -> None:
         return None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
                 "veryslow", "placebo")
@@ -72,8 +72,15 @@ def encode_frames(frames: np.ndarray | Iterable[np.ndarray], fps: float, options
 
 
 def reencode_video(source: Path | bytes, max_side: int | None, options: EncodeOptions) -> bytes:
-    """Decode a video with PyAV and re-encode it as H.264 mp4, scaled to fit max_side (even dims)."""
+    """Decode a video with PyAV and re-encode it as H.264 mp4, scaled to fit max_side (even dims).
+
+    A display rotation by a multiple of 90 degrees is applied to the pixels (the output is upright
+    with no rotation); any pixel format (10-bit, 4:4:4) becomes 8-bit yuv420p; frames are renumbered
+    to a constant rate (the source's average rate).
+    """
     import av
+
+    from vdm.data.probe import quarter_turns
 
     arg = str(source) if isinstance(source, Path) else io.BytesIO(source)
     with av.open(arg) as container:
@@ -82,11 +89,22 @@ def reencode_video(source: Path | bytes, max_side: int | None, options: EncodeOp
         if not rate:
             raise ValueError("source has no frame rate")
         width, height = fit_size(stream.codec_context.width, stream.codec_context.height, max_side)
-        frames = (
-            frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
-            for frame in container.decode(stream)
-        )
-        return _encode(frames, rate, width, height, options)
+        decoded = container.decode(stream)
+        first = next(decoded, None)
+        if first is None:
+            raise ValueError("no frames decoded from source")
+        turns = quarter_turns(first.rotation)
+
+        def upright(frame: av.VideoFrame) -> av.VideoFrame:
+            if not turns:
+                return frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
+            turned = np.ascontiguousarray(np.rot90(rgb.to_ndarray(), turns))
+            return av.VideoFrame.from_ndarray(turned, format="rgb24").reformat(format="yuv420p")
+
+        frames = (upright(frame) for frame in itertools.chain([first], decoded))
+        size = (height, width) if turns % 2 else (width, height)
+        return _encode(frames, rate, *size, options)
 
 
 def _encode(frames: Iterable, fps: float | Fraction, width: int, height: int,

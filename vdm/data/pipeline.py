@@ -46,7 +46,7 @@ from vdm.data.clips import ClipSpec
 from vdm.data.decode import BACKENDS, Backend
 from vdm.data.samples import SKIPPABLE, Clip, collate_clips, decode_clip
 from vdm.data.shards import SHARD_ERRORS, derive_seed, dist_info, expand_shards, iter_shard, worker_info
-from vdm.data.skips import SharedSkipCounters, SkipStats
+from vdm.data.skips import SharedSkipCounters, SkipStats, skip_reason
 from vdm.data.stream import TrainStream
 
 logger = logging.getLogger(__name__)
@@ -156,12 +156,17 @@ class VideoDataset(IterableDataset):
 
     # raw sample streams
 
-    def _read(self, urls: Iterable[str], stats: SkipStats) -> Iterator[dict[str, Any]]:
-        """Raw samples of the shards in order; a broken shard is counted as one skip and left."""
+    def _read(
+        self, urls: Iterable[str], stats: SkipStats, slot: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Raw samples of the shards in order; a broken shard is logged and left, and counted as one skip
+        in the shared counters of ``slot`` (None: not counted, another slot reads the same shards)."""
         for url in urls:
             try:
                 yield from iter_shard(url)
             except SHARD_ERRORS as exc:
+                if slot is not None:
+                    self.skip_counters.add(slot, skipped=1, reason="shard")
                 stats.record_skip("<shard>", url, exc)
 
     def _train_batches(
@@ -181,7 +186,7 @@ class VideoDataset(IterableDataset):
             rank=rank,
             worker=logical,
             stats=stats,
-            on_decoded=lambda ok: self.skip_counters.add(slot, ok=int(ok), skipped=int(not ok)),
+            count=lambda ok, exc: self.skip_counters.add(slot, int(ok), int(not ok), skip_reason(exc)),
         )
         snap = resume["workers"].get(logical) if resume else None
         for batch, after in stream.batches(count, snap):
@@ -196,8 +201,9 @@ class VideoDataset(IterableDataset):
 
     def _exact_stream(self, slot: int, slots: int, stats: SkipStats) -> Iterator[dict[str, Any]]:
         if self._exact_split(slots) == "shards":
-            return self._read(self.urls[slot::slots], stats)
-        return (s for j, s in enumerate(self._read(self.urls, stats)) if j % slots == slot)
+            return self._read(self.urls[slot::slots], stats, slot)
+        counted = slot if slot == 0 else None  # every slot reads every shard: count a broken one once
+        return (s for j, s in enumerate(self._read(self.urls, stats, counted)) if j % slots == slot)
 
     def _slot_sample_count(self, slot: int, slots: int) -> int:
         counts = self.shard_counts or []
@@ -214,7 +220,7 @@ class VideoDataset(IterableDataset):
             try:
                 clip = self._decode(sample, rng)
             except SKIPPABLE as exc:
-                self.skip_counters.add(slot, skipped=1)
+                self.skip_counters.add(slot, skipped=1, reason=skip_reason(exc))
                 stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
                 continue
             self.skip_counters.add(slot, ok=1)

@@ -1,8 +1,16 @@
-"""Probe a video or image: frame count, fps, duration, size, codec.
+"""Probe a video or image: frame count, fps, duration, size, codec, display rotation.
 
-Videos are opened with PyAV for the container header (cheap, and a guard so corrupt bytes never
-reach decord, which dumps them to stderr), decoded with decord first and PyAV as fallback; images
-with Pillow. Anything undecodable raises :class:`MediaError` with a human-readable reason.
+Videos are opened with PyAV for the container header, a demux of every packet (the frame count, and
+the check that no frame the header lists is missing or cut short: truncated files are rejected) and a
+decode of the first frame (its display rotation); only then are they handed to decord (a guard so
+corrupt bytes never reach decord, which dumps them to stderr), which must decode the first and last
+frame, with PyAV as the fallback; images with Pillow. Anything undecodable raises
+:class:`MediaError` with a human-readable reason.
+
+Rotation: a display matrix turning the picture by a multiple of 90 degrees is applied, as decord and
+the FFmpeg command line do, so ``width``/``height`` are the upright sizes and ``rotation`` records
+the counter-clockwise turn (vdm.data.decode serves upright frames with both backends). Other angles
+are ignored, as decord ignores them.
 """
 
 from __future__ import annotations
@@ -32,8 +40,6 @@ _ISOBMFF_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
 _VIDEO_FAMILIES = frozenset({"isobmff", "matroska", "avi"})
 _FAMILY_LABEL = {"isobmff": "mp4/mov", "matroska": "mkv/webm", "avi": "avi"}
 _IMAGE_FAMILIES = frozenset({"jpeg", "png", "webp"})
-# container frame counts within this tolerance of duration * fps are trusted without counting
-_FRAME_COUNT_TOLERANCE = 0.05
 _fallback_logged: list[bool] = [False]
 
 
@@ -45,9 +51,11 @@ class MediaError(ValueError):
 class MediaInfo:
     """What a probe found.
 
-    kind: "video" | "image"; frames >= 1 (1 for images); fps > 0 for videos (0.0 for images);
-    duration in seconds (frames / fps; 0.0 for images); codec: decoder name (e.g. "h264", "png");
-    backend: what decoded it, "decord" | "pyav" | "pillow".
+    kind: "video" | "image"; frames >= 1 (1 for images); fps > 0 for videos (0.0 for images, the
+    average rate for variable frame rate videos); duration in seconds (frames / fps; 0.0 for images);
+    width/height: upright (after rotation); codec: decoder name (e.g. "h264", "png"); backend: what
+    decoded it, "decord" | "pyav" | "pillow"; rotation: counter-clockwise display turn applied, in
+    0, 90, 180, 270.
     """
 
     kind: str
@@ -58,6 +66,7 @@ class MediaInfo:
     height: int
     codec: str
     backend: str
+    rotation: int = 0
 
 
 def sniff_family(head: bytes) -> str | None:
@@ -151,44 +160,48 @@ class _Header:
 
 def _probe_video(source: Source, family: str) -> MediaInfo:
     header = _read_header(source, family)
+    rotation = _first_frame_rotation(source, header)
+    width, height = (header.height, header.width) if rotation % 180 else (header.width, header.height)
     try:
-        backend = _check_decord(source, header)
+        backend = _check_decord(source, header.frames, height, width)
     except _DecordUnusable as why:
         _log_fallback(str(why))
-        backend = _check_pyav(source, header)
+        backend = "pyav"
     duration = header.frames / header.fps
-    return MediaInfo("video", header.frames, header.fps, duration, header.width, header.height,
-                     header.codec, backend)
+    return MediaInfo("video", header.frames, header.fps, duration, width, height, header.codec, backend,
+                     rotation)
 
 
 def _read_header(source: Source, family: str) -> _Header:
-    """Container header via PyAV; frame count from the container if sane, else a demux count."""
+    """Container header via PyAV; the frame count from a demux of every packet, checked against the
+    container's own count (fewer packets, or a packet cut short, is a truncated file)."""
     import av
 
+    label = _FAMILY_LABEL[family]
     try:
         with av.open(_open_arg(source)) as container:
             if not container.streams:
-                raise MediaError(f"truncated or corrupt {_FAMILY_LABEL[family]} file: no streams found")
+                raise MediaError(f"truncated or corrupt {label} file: no streams found")
             if not container.streams.video:
                 raise MediaError("no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(0)
-            fps = float(rate)
-            duration = None
-            if stream.duration and stream.time_base:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration:
-                duration = container.duration / 1_000_000
-            frames = int(stream.frames or 0)
-            if not _sane_count(frames, duration, fps):
-                frames = sum(1 for packet in container.demux(stream) if packet.size)
-            header = _Header(ctx.name or "unknown", ctx.width, ctx.height, fps, frames)
+            listed = int(stream.frames or 0)
+            frames = 0
+            for packet in container.demux(stream):
+                if not packet.size:
+                    continue
+                if packet.is_corrupt:
+                    raise MediaError(f"truncated or corrupt {label} file: packet {frames} is cut short")
+                frames += 1
+            header = _Header(ctx.name or "unknown", ctx.width, ctx.height, float(rate), frames)
     except MediaError:
         raise
     except av.error.FFmpegError as err:
-        label = _FAMILY_LABEL[family]
         raise MediaError(f"truncated or corrupt {label} file: {_ffmpeg_reason(err)}") from None
+    if 0 < frames < listed:
+        raise MediaError(f"truncated or corrupt {label} file: {frames} of {listed} frames present")
     if header.frames < 1:
         raise MediaError("video has zero frames")
     if header.width < 1 or header.height < 1:
@@ -198,53 +211,14 @@ def _read_header(source: Source, family: str) -> _Header:
     return header
 
 
-def _log_fallback(why: str) -> None:
-    """Warn on the first decord fallback in this process, then only at debug level."""
-    level = logging.DEBUG if _fallback_logged[0] else logging.WARNING
-    _fallback_logged[0] = True
-    log.log(level, "decord unusable (%s); falling back to PyAV", why)
+def quarter_turns(rotation: float) -> int:
+    """Counter-clockwise display rotation in degrees -> quarter turns 0..3; 0 unless a multiple of 90."""
+    turns = round(rotation / 90)
+    return turns % 4 if abs(rotation - 90 * turns) < 1.0 else 0
 
 
-def _sane_count(frames: int, duration: float | None, fps: float) -> bool:
-    if frames < 1:
-        return False
-    if duration is None or fps <= 0:
-        return True
-    expected = duration * fps
-    return abs(frames - expected) <= max(1.0, _FRAME_COUNT_TOLERANCE * frames)
-
-
-def _ffmpeg_reason(err: Exception) -> str:
-    return getattr(err, "strerror", None) or str(err)
-
-
-class _DecordUnusable(Exception):
-    """decord could not decode the file or returned frames of the wrong shape."""
-
-
-def _check_decord(source: Source, header: _Header) -> str:
-    """Decode the first and last frame with decord and validate their (H, W, 3) shape."""
-    import decord
-
-    last = header.frames - 1
-    try:
-        with _quiet_stderr():
-            reader = decord.VideoReader(_open_arg(source))
-            last = min(last, len(reader) - 1)
-            batch = reader.get_batch([0, last] if last > 0 else [0]).asnumpy()
-    except (RuntimeError, decord.DECORDError) as err:
-        first_line = (str(err).splitlines() or [""])[0]
-        reason = re.sub(r"^\[[\d:]+\] \S+: ", "", first_line)[:200]
-        raise _DecordUnusable(f"decode error: {reason}") from None
-    expected = (batch.shape[0], header.height, header.width, 3)
-    if batch.shape != expected:
-        size = f"{header.width}x{header.height}"
-        raise _DecordUnusable(f"frames of shape {batch.shape[1:]} for a {size} stream")
-    return "decord"
-
-
-def _check_pyav(source: Source, header: _Header) -> str:
-    """Decode the first frame with PyAV."""
+def _first_frame_rotation(source: Source, header: _Header) -> int:
+    """Decode the first frame with PyAV (it must decode, at the stream's size); its rotation in degrees."""
     import av
 
     try:
@@ -257,7 +231,43 @@ def _check_pyav(source: Source, header: _Header) -> str:
     if (frame.height, frame.width) != (header.height, header.width):
         got, want = f"{frame.width}x{frame.height}", f"{header.width}x{header.height}"
         raise MediaError(f"decoded frame size {got} differs from the stream's {want}")
-    return "pyav"
+    return 90 * quarter_turns(frame.rotation)
+
+
+def _log_fallback(why: str) -> None:
+    """Warn on the first decord fallback in this process, then only at debug level."""
+    level = logging.DEBUG if _fallback_logged[0] else logging.WARNING
+    _fallback_logged[0] = True
+    log.log(level, "decord unusable (%s); falling back to PyAV", why)
+
+
+def _ffmpeg_reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err)
+
+
+class _DecordUnusable(Exception):
+    """decord could not decode the file or returned frames of the wrong shape."""
+
+
+def _check_decord(source: Source, frames: int, height: int, width: int) -> str:
+    """Decode the first and last frame with decord (which applies the rotation) and validate their
+    (height, width, 3) shape."""
+    import decord
+
+    last = frames - 1
+    try:
+        with _quiet_stderr():
+            reader = decord.VideoReader(_open_arg(source))
+            last = min(last, len(reader) - 1)
+            batch = reader.get_batch([0, last] if last > 0 else [0]).asnumpy()
+    except (RuntimeError, decord.DECORDError) as err:
+        first_line = (str(err).splitlines() or [""])[0]
+        reason = re.sub(r"^\[[\d:]+\] \S+: ", "", first_line)[:200]
+        raise _DecordUnusable(f"decode error: {reason}") from None
+    expected = (batch.shape[0], height, width, 3)
+    if batch.shape != expected:
+        raise _DecordUnusable(f"frames of shape {batch.shape[1:]} for a {width}x{height} stream")
+    return "decord"
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ the batch reaches the training process without another copy).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,10 +23,13 @@ from vdm.data.clips import (
     ClipSpec,
     ClipTooShortError,
     clip_indices,
+    clip_indices_by_time,
     frame_step,
     frames_needed,
+    is_variable_rate,
     num_clip_frames,
     resize_crop_uint8,
+    timestamp_fps,
     to_unit_range,
 )
 from vdm.data.decode import Backend, DecodeError, MediaInfo, open_media
@@ -78,12 +82,21 @@ def _read_text_members(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def plan_clip(
-    info: MediaInfo, spec: ClipSpec, buckets: Sequence[Bucket], rng: np.random.Generator
+    info: MediaInfo,
+    spec: ClipSpec,
+    buckets: Sequence[Bucket],
+    rng: np.random.Generator,
+    timestamps: np.ndarray | None = None,
 ) -> tuple[Bucket, list[int], float]:
     """(bucket, source frame indices, effective fps) for media with ``info``; images give ([0], 0.0).
 
-    Raises ClipTooShortError when no bucket fits and the short policy is ``skip``.
+    ``timestamps``: the video's frame times in seconds, when known; with ``target_fps`` and a variable
+    frame rate, frames are then picked by time at the rate measured from them. Raises
+    ClipTooShortError when no bucket fits and the short policy is ``skip``.
     """
+    by_time = spec.target_fps is not None and is_variable_rate(timestamps) and timestamp_fps(timestamps) > 0
+    if by_time:
+        info = dataclasses.replace(info, fps=timestamp_fps(timestamps))
     is_image = info.kind == "image"
     step = 1.0 if is_image else frame_step(spec.frame_stride, spec.target_fps, info.fps)
     allow_short = is_image or spec.short_policy != "skip"
@@ -97,6 +110,16 @@ def plan_clip(
         )
     if is_image:
         return bucket, [0], 0.0
+    if by_time:
+        indices, fps = clip_indices_by_time(
+            timestamps,
+            bucket.num_frames,
+            target_fps=spec.target_fps,
+            start=spec.start,
+            short_policy=spec.short_policy,
+            rng=rng,
+        )
+        return bucket, indices, fps
     indices, fps = clip_indices(
         info.num_frames,
         bucket.num_frames,
@@ -135,7 +158,11 @@ def decode_clip(
     media = open_media(raw[ext], ext, backend=backend, size_hint=hint, num_threads=decode_threads)
     try:
         info = media.info
-        bucket, indices, fps = plan_clip(info, spec, buckets, rng)
+        listed = info_json.get("frames")
+        if info.kind == "video" and isinstance(listed, int) and info.num_frames < listed:
+            raise DecodeError(f"truncated: the stream has {info.num_frames} of the {listed} frames listed")
+        timestamps = media.timestamps() if spec.target_fps is not None else None
+        bucket, indices, fps = plan_clip(info, spec, buckets, rng, timestamps)
         frames = media.read(indices)
     finally:
         media.close()

@@ -88,26 +88,45 @@ class SkipStats:
         return f" in {self.where}" if self.where else ""
 
 
+# skip reasons counted separately in the shared table (anything else counts as "other")
+SKIP_REASONS = ("DecodeError", "ClipTooShortError", "ClipError", "SampleError", "LatentCorpusError", "shard")
+
+
+def skip_reason(exc: BaseException | None) -> str:
+    """The counter a skip goes to: its exception class when listed in SKIP_REASONS, else "other"."""
+    name = "shard" if exc is None else type(exc).__name__
+    return name if name in SKIP_REASONS else "other"
+
+
 class SharedSkipCounters:
-    """(MAX_SLOTS, 2) int64 shared-memory table of [ok, skipped] per worker slot, readable by the parent.
+    """(MAX_SLOTS, 2 + reasons) int64 shared-memory table per worker slot: [ok, skipped, skips by reason...],
+    readable by the parent.
 
     Created in the parent before DataLoader workers start; workers inherit (fork) or receive (spawn)
     the same shared storage.
     """
 
-    def __init__(self) -> None:
-        self.table = torch.zeros((MAX_SLOTS, 2), dtype=torch.int64).share_memory_()
+    reasons = (*SKIP_REASONS, "other")
 
-    def add(self, slot: int, ok: int = 0, skipped: int = 0) -> None:
+    def __init__(self) -> None:
+        self.table = torch.zeros((MAX_SLOTS, 2 + len(self.reasons)), dtype=torch.int64).share_memory_()
+
+    def add(self, slot: int, ok: int = 0, skipped: int = 0, reason: str | None = None) -> None:
         row = self.table[slot % MAX_SLOTS]
         row[0] += ok
         row[1] += skipped
+        if skipped:
+            row[2 + self.reasons.index(reason if reason in self.reasons else "other")] += skipped
 
-    def summary(self) -> dict[str, float]:
-        """Totals over all workers: {"seen", "ok", "skipped", "rate"}."""
-        ok, skipped = (int(v) for v in self.table.sum(0))
+    def summary(self) -> dict[str, Any]:
+        """Totals over all workers: {"seen", "ok", "skipped", "rate", "reasons": {reason: skips}}; a broken
+        shard counts as one skip (reason "shard")."""
+        totals = [int(v) for v in self.table.sum(0)]
+        ok, skipped = totals[:2]
         seen = ok + skipped
-        return {"seen": seen, "ok": ok, "skipped": skipped, "rate": skipped / seen if seen else 0.0}
+        reasons = {name: n for name, n in zip(self.reasons, totals[2:]) if n}
+        return {"seen": seen, "ok": ok, "skipped": skipped, "rate": skipped / seen if seen else 0.0,
+                "reasons": reasons}
 
     def reset(self) -> None:
         self.table.zero_()

@@ -55,10 +55,10 @@ class TrainStream:
         rank: int,
         worker: int,
         stats: SkipStats,
-        on_decoded: Callable[[bool], None],
+        count: Callable[[bool, BaseException | None], None],
     ) -> None:
         self.ds, self.slot, self.slots, self.epoch = dataset, slot, slots, epoch
-        self.rank, self.worker, self.stats, self.on_decoded = rank, worker, stats, on_decoded
+        self.rank, self.worker, self.stats, self.count = rank, worker, stats, count
         self.last: Pos | None = None
         self.buffer: list[tuple[Pos, dict[str, Any]]] = []
         self.shuffle_rng = random.Random(derive_seed(dataset.seed, epoch, rank, worker, "shuffle"))
@@ -94,6 +94,7 @@ class TrainStream:
                 yield k, sample
                 k += 1
         except self.ds.shard_errors as exc:
+            self.count(False, None)
             self.stats.record_skip("<shard>", url, exc)
 
     def source(self, start: Pos = (0, 0, 0)) -> Iterator[tuple[Pos, dict[str, Any]]]:
@@ -158,10 +159,10 @@ class TrainStream:
         try:
             clip = self.ds._decode(sample, rng)
         except SKIPPABLE as exc:
-            self.on_decoded(False)
+            self.count(False, exc)
             self.stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
             return None
-        self.on_decoded(True)
+        self.count(True, None)
         self.stats.record_ok()
         return clip
 

@@ -19,7 +19,8 @@ from vdm.utils.vae_export import compute_latent_stats, export_vae
 class DataSkipMonitor(L.Callback):
     """Logs how many samples the data pipeline skipped (corrupt, undecodable, too short) and the rate.
 
-    Keys: ``data/train_skipped``, ``data/train_skip_rate`` (and ``val`` likewise), summed over workers.
+    Keys: ``data/train_skipped``, ``data/train_skip_rate`` and ``data/train_skipped_<reason>`` (the
+    exception class, or ``shard`` for an unreadable shard; ``val`` likewise), summed over workers.
     The pipeline itself aborts above ``data.max_skip_rate``; this makes the trend visible before that.
     """
 
@@ -36,6 +37,8 @@ class DataSkipMonitor(L.Callback):
         if stats.get("seen"):
             pl_module.log(f"data/{split}_skipped", float(stats["skipped"]), rank_zero_only=True)
             pl_module.log(f"data/{split}_skip_rate", float(stats["rate"]), rank_zero_only=True)
+            for reason, count in stats.get("reasons", {}).items():
+                pl_module.log(f"data/{split}_skipped_{reason}", float(count), rank_zero_only=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if (trainer.global_step + 1) % self.every_n_steps == 0:
