@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -80,6 +81,7 @@ class VideoLoader(DataLoader):
         self.epoch_fn, self.resume = epoch_fn, resume
         self._position: dict[str, Any] | None = None  # of the epoch being iterated
         self._loaded: dict[str, Any] | None = None  # from a checkpoint, for the next iter()
+        self.wait_seconds = 0.0  # time the training loop spent waiting for batches (training mode)
 
     @property
     def _trains(self) -> bool:
@@ -108,9 +110,15 @@ class VideoLoader(DataLoader):
             logger.info("training data resumes at batch %d of epoch %d", consumed, epoch)
         return self._tracked(super().__iter__(), self._position)
 
-    @staticmethod
-    def _tracked(batches: Iterator[dict[str, Any]], position: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        for batch in batches:
+    def _tracked(
+        self, batches: Iterator[dict[str, Any]], position: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_seconds += time.perf_counter() - start
+            if batch is None:
+                return
             worker, snapshot = batch.pop("_stream")
             position["workers"][worker] = snapshot
             position["consumed"] += 1

@@ -95,7 +95,9 @@ class DiffusionModule(L.LightningModule):
         self.run_config: dict[str, Any] = {}
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "loss_ema")})
         self._batch_keys: list[str] | None = None
-        self._loss_finite = True
+        self._loss: torch.Tensor | None = None
+        # batch_work per (latent T, H, W, text length)
+        self._work: dict[tuple[int, ...], tuple[int, int]] = {}
 
     def setup(self, stage: str) -> None:
         """Under DeepSpeed the EMA leaves the module tree; precomputed text embeddings must come from this
@@ -142,16 +144,20 @@ class DiffusionModule(L.LightningModule):
         return z * self.latent_std + self.latent_mean
 
     @torch.no_grad()
-    def text_context(self, batch: dict[str, Any], drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context (B, L, D), mask (B, L)); samples with ``drop`` (B,) True get the empty caption."""
+    def text_context(
+        self, batch: dict[str, Any], drop: torch.Tensor, drop_host: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, D), mask (B, L)); samples with ``drop`` (B,) True get the empty caption.
+        ``drop_host``: the same flags on the CPU, read instead of the device tensor (no sync)."""
+        drop_host = drop.cpu() if drop_host is None else drop_host
         if "text" in batch:
             context, mask = batch["text"].float(), batch["text_mask"].bool()
-            if drop.any():
+            if drop_host.any():
                 null, null_mask = self.text_encoder.null_embedding()
                 context = torch.where(drop.view(-1, 1, 1), null.to(context), context)
                 mask = torch.where(drop.view(-1, 1), null_mask.to(mask), mask)
             return context, mask
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop_host.tolist())]
         return self.text_encoder.encode(captions)
 
     # objective
@@ -181,26 +187,34 @@ class DiffusionModule(L.LightningModule):
     def draw(self, z: torch.Tensor, generator: Generators | None = None) -> dict[str, torch.Tensor]:
         """The random parts of one training step: noise, times, caption drops, image conditioning.
 
-        With one generator per sample, each sample's draws come from its own generator only.
+        With one generator per sample, each sample's draws come from its own generator only. Drawn on
+        the CPU and copied to the device from pinned memory without waiting; ``drop_host`` stays on the
+        CPU so deciding which captions to drop reads no device tensor.
         """
-        b, device = z.shape[0], z.device
+        b = z.shape[0]
         num_tokens = self.num_tokens(z.shape[2:])
         if generator is None or isinstance(generator, torch.Generator):
-            noise = torch.randn(z.shape, generator=generator, device="cpu").to(device)
-            t = self.objective.sample_time(b, num_tokens, generator=generator).to(device)
-            u = torch.rand(2, b, generator=generator).to(device)
+            noise = torch.randn(z.shape, generator=generator, device="cpu")
+            t = self.objective.sample_time(b, num_tokens, generator=generator)
+            u = torch.rand(2, b, generator=generator)
         else:
-            noise = randn(z.shape, generator, device)
-            t = torch.cat([self.objective.sample_time(1, num_tokens, generator=g) for g in generator]).to(
-                device
-            )
-            u = torch.stack([torch.rand(2, generator=g) for g in generator], dim=1).to(device)
+            noise = randn(z.shape, generator, "cpu")
+            t = torch.cat([self.objective.sample_time(1, num_tokens, generator=g) for g in generator])
+            u = torch.stack([torch.rand(2, generator=g) for g in generator], dim=1)
+        drop = u[0] < self.hparams.caption_dropout
         return {
-            "noise": noise,
-            "t": t,
-            "drop": u[0] < self.hparams.caption_dropout,
-            "use_image": u[1] < self.hparams.i2v_probability,
+            "noise": self._to_device(noise),
+            "t": self._to_device(t),
+            "drop": self._to_device(drop),
+            "drop_host": drop,
+            "use_image": self._to_device(u[1] < self.hparams.i2v_probability),
         }
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the module's device; to a GPU through pinned memory, without a host sync."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     def sample_generators(self, batch: dict[str, Any], salt: str) -> list[torch.Generator] | None:
         """One generator per sample, seeded by (run seed, sample key, ``salt``); None without sample keys.
@@ -215,6 +229,27 @@ class DiffusionModule(L.LightningModule):
         base = torch.initial_seed()  # set by seed_everything(cfg.seed), the same on every rank
         return [torch.Generator().manual_seed(keyed_seed(base, str(k), salt)) for k in keys]
 
+    def batch_work(self, batch: dict[str, Any]) -> tuple[int, int, int]:
+        """(samples, DiT tokens, training FLOPs of the DiT) of a batch, from shapes only (no sync).
+
+        FLOPs: ``vdm.utils.flops.dit_flops`` of a training step over the batch; the frozen VAE encode and
+        text encoder are not model FLOPs of this stage. Cross-attention counts the padded text length
+        (real lengths would need the mask's values).
+        """
+        from vdm.utils.flops import dit_flops, tokens_per_sample
+
+        if "latent" in batch:
+            b, *_, t, h, w = batch["latent"].shape
+        else:
+            b, _, t, h, w = self.vae.latent_shape(batch["video"].shape)
+        length = int(batch["text"].shape[1]) if "text" in batch else int(self.text_encoder.max_length)
+        key = (t, h, w, length)
+        if key not in self._work:
+            self._work[key] = (tokens_per_sample(self.dit, (t, h, w)), dit_flops(self.dit, (t, h, w), length,
+                                                                                 training=True))
+        tokens, flops = self._work[key]
+        return int(b), int(b) * tokens, int(b) * flops
+
     def num_tokens(self, latent_thw: Sequence[int]) -> int:
         pt, ph, pw = self.dit.patch_size
         t, h, w = latent_thw
@@ -223,29 +258,33 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z = self.normalized_latents(batch)
         rnd = self.draw(z, self.sample_generators(batch, f"train/{self.global_step}"))
-        context, mask = self.text_context(batch, rnd["drop"])
+        context, mask = self.text_context(batch, rnd["drop"], rnd["drop_host"])
         loss = self.diffusion_loss(z, context, mask, rnd["noise"], rnd["t"], rnd["use_image"])
         self._batch_keys = batch.get("key")
-        self._loss_finite = is_finite(loss.detach())
-        if not self._loss_finite and (
-            self.hparams.nonfinite == "stop" or is_deepspeed(self.trainer.strategy)
-        ):
-            # DeepSpeed keeps the gradients in its own buffers: no skipping there, the run stops
-            handle_nonfinite("stop", "loss", self.global_step, self._batch_keys)
+        self._loss = loss.detach()  # checked with the gradients after the backward: one sync per step
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if is_deepspeed(self.trainer.strategy):  # p.grad is not this step's gradient: logged after the step
+        """The step's one host sync: loss and gradient norm finite, checked after the backward was queued,
+        so the device only waits for the optimizer's launch."""
+        loss = getattr(self, "_loss", None)
+        if is_deepspeed(self.trainer.strategy):  # p.grad is not this step's gradient: the engine's norm later
+            if loss is not None and not is_finite(loss):  # no skipping inside the engine: the run stops
+                handle_nonfinite("stop", "loss", self.global_step, self._batch_keys)
             return
         params = [p for p in self.dit.parameters() if p.grad is not None]
         if not params:
             return
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # all-reduced gradients: every rank takes the same decision
-        if not self._loss_finite or not is_finite(norm):
-            handle_nonfinite(self.hparams.nonfinite, "loss or gradient", self.global_step, self._batch_keys)
+        # the all-reduced norm is the same on every rank, so all take the same decision (a rank's NaN loss
+        # reaches it through its gradients); one process also looks at the loss itself
+        single = loss is not None and self.trainer.world_size == 1
+        checked = torch.stack([norm.float(), loss.float().to(norm.device)]) if single else norm
+        if not is_finite(checked):
+            what = "loss" if single and not is_finite(loss) else "gradient"
+            handle_nonfinite(self.hparams.nonfinite, what, self.global_step, self._batch_keys)
             drop_gradients(params)
             return
         self.log("train/grad_norm", norm)
@@ -304,7 +343,7 @@ class DiffusionModule(L.LightningModule):
         generator = self.sample_generators(batch, "val") or torch.Generator().manual_seed(10_000 + batch_idx)
         rnd = self.draw(z, generator)
         drop = torch.zeros_like(rnd["drop"])
-        context, mask = self.text_context(batch, drop)
+        context, mask = self.text_context(batch, drop, torch.zeros_like(rnd["drop_host"]))
         rows = torch.tensor(keep, device=z.device)
         args = (z[rows], context[rows], mask[rows], rnd["noise"][rows], rnd["t"][rows])
         self.val_metrics["loss"].update(self.diffusion_loss(*args), weight=int(rows.sum()))

@@ -17,6 +17,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,7 @@ class EMA(nn.Module):
             copy.deepcopy(model), multi_avg_fn=self._multi_avg, use_buffers=True
         ).requires_grad_(False)
         self.averaged.module.train(model.training)
+        self._count: int | None = None  # n_averaged on the host: the decay never reads the device
 
     @property
     def module(self) -> nn.Module:
@@ -81,13 +83,20 @@ class EMA(nn.Module):
 
     @property
     def num_updates(self) -> int:
-        return int(self.averaged.n_averaged.item())
+        """Updates averaged in so far (read from the device once, then counted on the host)."""
+        if self._count is None:
+            self._count = int(self.averaged.n_averaged.item())
+        return self._count
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None  # n_averaged was replaced
 
     def _multi_avg(
         self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
     ) -> None:
         # num_averaged counts earlier updates: this one is update n = num_averaged + 1; the first copies
-        n = int(num_averaged.item()) + 1
+        n = self.num_updates + 1
         weight = 1.0 if n == 1 else 1.0 - ema_decay(n, self.decay, self.warmup, self.every)
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         if floats:
@@ -106,6 +115,7 @@ class EMA(nn.Module):
         """
         if step % self.every != 0:
             return False
+        count = self.num_updates
         mine = [*self.module.parameters(), *self.module.buffers()]
         theirs = [*model.parameters(), *model.buffers()]
         if len(mine) != len(theirs):
@@ -116,6 +126,7 @@ class EMA(nn.Module):
                 self._multi_avg(mine[start:stop], [t.detach() for t in theirs[start:stop]],
                                 self.averaged.n_averaged)
         self.averaged.n_averaged += 1
+        self._count = count + 1
         return True
 
     def train(self, mode: bool = True) -> EMA:

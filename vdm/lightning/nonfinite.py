@@ -1,7 +1,9 @@
 """What a training step does with a NaN/Inf loss or gradient: stop the run, or skip the update.
 
-The check runs before the optimizer update, on the loss and on the gradient norm. Under DDP the gradients
-have been all-reduced by then, so every rank reaches the same decision without another collective. With
+The check runs before the optimizer update, on the loss and on the gradient norm, after the backward has
+been queued: one host sync per step, which leaves the device idle only while the optimizer step launches.
+Under DDP the gradients have been all-reduced by then, so every rank reaches the same decision without
+another collective. With
 ``stop`` the step raises ``NonFiniteError`` naming the step and the batch's sample keys, so no optimizer
 update and no checkpoint of the poisoned state happen; with ``skip`` the gradients are dropped (the optimizer
 leaves every parameter and its state unchanged) and training goes on, with a warning naming the samples.

@@ -94,6 +94,7 @@ class VAEModule(L.LightningModule):
         self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_keys: list[str] | None = None
         self._base_seed: int | None = None
+        self._work: dict[tuple[int, ...], tuple[int, int]] = {}  # batch_work per clip shape
 
     @property
     def gan_active(self) -> bool:
@@ -105,6 +106,21 @@ class VAEModule(L.LightningModule):
             self._base_seed = torch.initial_seed()  # set by seed_everything(cfg.seed)
         seed = derive_seed(self._base_seed, self.global_step, self.global_rank, "posterior")
         return torch.Generator(device=device).manual_seed(seed)
+
+    def batch_work(self, batch: dict[str, Any]) -> tuple[int, int, int]:
+        """(samples, latent positions, training FLOPs of encoder + decoder) of a batch, from shapes only.
+
+        The discriminator and LPIPS are left out: MFU here is the autoencoder's.
+        """
+        from vdm.utils.flops import vae_flops
+
+        b, _, t, h, w = batch["video"].shape
+        key = (t, h, w)
+        if key not in self._work:
+            _, lt, lh, lw = self.model.latent_shape((3, t, h, w))
+            self._work[key] = (lt * lh * lw, vae_flops(self.model, t, h, w, training=True))
+        positions, flops = self._work[key]
+        return int(b), int(b) * positions, int(b) * flops
 
     def setup(self, stage: str) -> None:
         self._base_seed = torch.initial_seed()
@@ -132,7 +148,9 @@ class VAEModule(L.LightningModule):
         # the model's own dtype: fp32 under autocast, bf16 when DeepSpeed runs the module in bf16
         sample = self.hparams.sample_posterior
         generator = self.step_generator(x.device) if sample else None
-        x_hat, posterior = self.model(x.to(param_dtype(self.model)), sample_posterior=sample, generator=generator)
+        x_hat, posterior = self.model(
+            x.to(param_dtype(self.model)), sample_posterior=sample, generator=generator
+        )
         x_hat = x_hat.to(x.dtype)
         terms = self.reconstruction_terms(x, x_hat)
         terms["kl"] = posterior.kl(reduction="mean").mean()
