@@ -122,6 +122,7 @@ def test_evaluate_config_composes(tmp_path):
          r"global_batch_size: 6 is not divisible by the 4 ranks .* allowed: multiples of 4, e\.g\. \[4, 8, 12\]"),
         (["global_batch_size=8", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
          r"global_batch_size: 8 .*accumulate_grad_batches=3; allowed: multiples of 6"),
+        (["trainer.precision=16-mixed"], r"optimizer\.fused: .* set optimizer\.fused=false, or module\.grad_clip=null"),
         (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path: /nonexistent/last\.ckpt does not exist; allowed: auto, last"),
     ],
 )

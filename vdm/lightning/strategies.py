@@ -141,3 +141,13 @@ def compile_blocks(model: torch.nn.Module) -> int:
         block.compile()
     log.info("torch.compile: %d module(s) of %s", len(blocks), type(model).__name__)
     return len(blocks)
+
+
+def deepspeed_cpu_adam(params: Any, *, fused: bool | None = None, **kwargs: Any) -> torch.optim.Optimizer:
+    """DeepSpeed's vectorised CPU Adam, which ZeRO-Offload needs for its optimizer step on the CPU.
+
+    ``fused`` (the stages' torch AdamW setting, inherited through the config) does not apply: ignored.
+    """
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, **kwargs)

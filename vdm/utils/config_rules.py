@@ -66,6 +66,12 @@ def _check_precision(cfg: Mapping) -> None:
     precision = _get(cfg, "trainer.precision")
     if precision is None:
         return
+    if str(precision).startswith("16") and _get(cfg, "optimizer.fused") and _get(cfg, "module.grad_clip"):
+        raise ConfigError(
+            "optimizer.fused: a fused optimizer unscales fp16 gradients itself, so they cannot be clipped "
+            "under trainer.precision=16-mixed; set optimizer.fused=false, or module.grad_clip=null, or use "
+            "trainer.precision=bf16-mixed"
+        )
     from lightning.fabric.connector import _PRECISION_INPUT
 
     allowed = [v for group in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(group)]
