@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
+import torch
 
 from vdm.data.buckets import Bucket, bucket_preflight, parse_buckets
 from vdm.data.clips import IMAGE_MODES, SHORT_POLICIES, START_MODES, ClipSpec
@@ -76,7 +77,8 @@ class VideoDataModule(L.LightningDataModule):
     ``on_after_batch_transfer`` converts them on the device, so the LightningModule still gets float32
     in [-1, 1] (unless it overrides that hook itself) with a quarter of the host work and copy volume.
     ``root`` (a corpus directory) fills in ``{root}/train-*.tar``, ``{root}/val-*.tar`` and
-    ``{root}/manifest.json`` when those are not given.
+    ``{root}/manifest.json`` when those are not given. Loader workers (``persistent_workers``,
+    ``prefetch_factor``) apply when ``num_workers > 0``; ``pin_memory="auto"`` pins when CUDA is available.
     """
 
     def __init__(
@@ -106,7 +108,7 @@ class VideoDataModule(L.LightningDataModule):
         resampled: bool = True,
         buckets: list[list[int]] | list[str] | None = None,
         persistent_workers: bool = False,
-        pin_memory: bool = False,
+        pin_memory: bool | Literal["auto"] = "auto",
         prefetch_factor: int | None = None,
         video_dtype: Literal["float32", "uint8"] = "float32",
         root: str | None = None,
@@ -115,7 +117,8 @@ class VideoDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         _validate_args(dict(self.hparams))
-        _check(prefetch_factor is None or num_workers > 0, "prefetch_factor", "needs num_workers > 0")
+        pinned = pin_memory in (True, False, "auto")
+        _check(pinned, "pin_memory", f"must be true, false or auto, got {pin_memory!r}")
         self._optional_val = False
         if root is not None:
             train_shards = train_shards if train_shards is not None else os.path.join(root, "train-*.tar")
@@ -287,7 +290,7 @@ class VideoDataModule(L.LightningDataModule):
             epoch_fn=epoch_fn,
             resume=self.resume,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            pin_memory=torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory),
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )

@@ -186,7 +186,7 @@ class LatentDataModule(VideoDataModule):
         max_skip_rate: float = 0.05,
         skip_check_after: int = 100,
         persistent_workers: bool = False,
-        pin_memory: bool = False,
+        pin_memory: bool | Literal["auto"] = "auto",
         prefetch_factor: int | None = None,
         num_frames: int | None = None,
         height: int | None = None,
