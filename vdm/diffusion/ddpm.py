@@ -76,6 +76,10 @@ class DDPMSchedule:
     """Immutable noise schedule: ``alphas_cumprod`` (N,) float64, decreasing from ~1 to ~0 (or 0)."""
 
     alphas_cumprod: torch.Tensor
+    # copies of alphas_cumprod on other devices, made once each (a copy per step would block the host)
+    _copies: dict[str, torch.Tensor] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         acp = self.alphas_cumprod
@@ -88,6 +92,16 @@ class DDPMSchedule:
     def num_train_steps(self) -> int:
         """Number of training timesteps N."""
         return self.alphas_cumprod.numel()
+
+    def on(self, device: torch.device | str) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device``, copied there on first use only."""
+        device = torch.device(device)
+        if self.alphas_cumprod.device == device:
+            return self.alphas_cumprod
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = self.alphas_cumprod.to(device)
+        return self._copies[key]
 
     def to(self, device: torch.device | str) -> DDPMSchedule:
         """A copy with ``alphas_cumprod`` on ``device`` (avoids a host copy per gather on GPU)."""
@@ -120,13 +134,13 @@ def make_ddpm_schedule(
 
 def alpha_sigma(schedule: DDPMSchedule, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(alpha, sigma)`` per sample, each (B,) float64 on the timesteps' device."""
-    acp = schedule.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+    acp = schedule.on(timesteps.device)[timesteps.long()]
     return acp.sqrt(), (1 - acp).sqrt()
 
 
 def snr(schedule: DDPMSchedule, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ``alphas_cumprod / (1 - alphas_cumprod)`` per sample, (B,) float64."""
-    acp = schedule.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+    acp = schedule.on(timesteps.device)[timesteps.long()]
     return acp / (1 - acp)
 
 

@@ -309,8 +309,8 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if is_deepspeed(self.trainer.strategy):  # gradients live in DeepSpeed's buffers: its own norm
             norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
-            if norm is not None:
-                self.log("train/grad_norm", float(norm))
+            if norm is not None:  # a tensor stays on the device (no sync); older DeepSpeed gives a float
+                self.log("train/grad_norm", norm if isinstance(norm, torch.Tensor) else float(norm))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then its EMA update.

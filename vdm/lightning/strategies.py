@@ -129,16 +129,19 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module, **options: Any) -> int:
     """``torch.compile`` each block of ``model`` in place (``model.blocks``, else the whole model).
 
     In place (``nn.Module.compile``), so parameter names and checkpoints are unchanged; per block, so the
     graphs are small, identical blocks share one compiled graph, and activation checkpointing wraps them.
-    Returns the number of compiled modules.
+    ``options`` go to ``torch.compile`` (default ``fullgraph=True``: a graph break fails loudly instead of
+    silently splitting a block; tests/test_compile.py checks there is none). Returns the number of
+    compiled modules.
     """
+    options = {"fullgraph": True, **options}
     blocks = list(getattr(model, "blocks", [])) or [model]
     for block in blocks:
-        block.compile()
+        block.compile(**options)
     log.info("torch.compile: %d module(s) of %s", len(blocks), type(model).__name__)
     return len(blocks)
 

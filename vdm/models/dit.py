@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vdm.models.dit_layers import (
-    FREQUENCY_DIM,
     DiTBlock,
     FinalLayer,
     RopeTables,
@@ -242,7 +241,10 @@ class VideoDiT(nn.Module):
         """
         grid = self._check_inputs(x, t, context, context_mask)
         tokens = self.x_embedder(x).to(self.x_embedder.weight.dtype)  # B D T' H' W'
-        tokens = rearrange(tokens, "b d t h w -> b (t h w) d")  # B N D
+        # contiguous residual stream: each norm and linear would otherwise copy the permuted view, and
+        # under torch.compile a view (with a ._base) as the first block's input guards differently from
+        # the later blocks' inputs, an extra recompile once shapes turn dynamic
+        tokens = rearrange(tokens, "b d t h w -> b (t h w) d").contiguous()  # B N D
         c = self.t_embedder(t) + self._micro_embedding(fps, size, x.shape[0])  # B D float32
         ctx = self.context_embedder(context)  # B L D
         attn_mask, has_context = context_attention_mask(context_mask)  # B 1 1 L, B
@@ -331,26 +333,9 @@ class VideoDiT(nn.Module):
         return RopeTables(spatial=spatial, temporal=self.rope.tables((grid[0], 1, 1), device))
 
     def flops_per_sample(self, t: int, h: int, w: int, context_len: int) -> int:
-        """Forward matmul FLOPs (2 per multiply-add) for one sample of latent size (t, h, w) and
-        ``context_len`` text tokens: linears, convolutions as matmuls, and the attention score and
-        value products. Elementwise work, norms and softmax are left out. Training ~ 3x this."""
-        pt, ph, pw = self.patch_size
-        gt, gh, gw = t // pt, h // ph, w // pw
-        n, d, length = gt * gh * gw, self.hidden_size, context_len
-        patch_in = (self.in_channels + self.cond_channels) * pt * ph * pw
-        mlp_inner = self.blocks[0].mlp.fc1.out_features
-        flops = 2 * n * patch_in * d + 2 * n * d * self.out_channels * pt * ph * pw
-        flops += 2 * (1 + len(self.micro_conditions)) * (FREQUENCY_DIM * d + d * d)
-        flops += 2 * length * (self.context_dim * d + d * d) + 2 * d * 2 * d  # text MLP, final adaLN
-        self_attention = 2 * n * d * 4 * d  # qkv + output projection
-        if self.attention == "full":
-            per_block = self_attention + 4 * n * n * d
-        else:
-            per_block = self_attention + 4 * gt * (gh * gw) ** 2 * d
-            if gt > 1:
-                per_block += self_attention + 4 * gh * gw * gt**2 * d
-        # cross-attention: q and output projections, k/v of the text tokens, scores and values
-        per_block += 2 * n * d * 2 * d + 2 * length * d * 2 * d + 4 * n * length * d
-        per_block += 2 * n * d * mlp_inner * 2 + 2 * d * self.blocks[0].num_chunks * d
-        return int(flops + self.depth * per_block)
+        """Forward matmul FLOPs for one sample of latent size (t, h, w) and ``context_len`` real text
+        tokens (``vdm.utils.flops.dit_flops``; training ~ 3x this)."""
+        from vdm.utils.flops import dit_flops  # it imports this module
+
+        return dit_flops(self, (t, h, w), context_len)
 

@@ -115,7 +115,8 @@ class RotaryEmbedding3d(nn.Module):
     The channel pairs (2i, 2i+1) of the first d_t channels rotate by ``t * theta ** (-2i / d_t)``,
     the next d_h by the row index h, the last d_w by the column index w (the real form of the
     complex formulation, RoFormer / Lumina / Wan). q . k after rotation then depends on positions
-    only through (t_q - t_k, h_q - h_k, w_q - w_k). Tables are built in float32 and cached per grid.
+    only through (t_q - t_k, h_q - h_k, w_q - w_k). Tables are built in float32 and cached per grid
+    (in eager mode; under torch.compile they are part of the graph).
     """
 
     def __init__(self, axes_dim: tuple[int, int, int], theta: float = 10000.0) -> None:
@@ -127,6 +128,10 @@ class RotaryEmbedding3d(nn.Module):
     def tables(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin tables (N, head_dim / 2) float32 for a (t, h, w) grid of N tokens in (t h w) order."""
         key = (tuple(grid), torch.device(device))
+        if torch.compiler.is_compiling():
+            # traced into the graph instead (cheap): a dict lookup would guard on the cache's contents
+            # and recompile the whole-model graph on the next call, once the key has been added
+            return self._build(key[0], key[1])
         if key not in self._cache:
             if len(self._cache) >= 32:  # many bucket shapes: bound the memory instead of growing forever
                 self._cache.clear()
@@ -327,7 +332,9 @@ class DiTBlock(nn.Module):
         """Attention over the T tokens of every spatial location. (B, N, D) -> (B, N, D)."""
         tracks = rearrange(h, "b (t s) d -> (b s) t d", t=grid[0])  # B*H*W T D
         out = self.temporal_attn(tracks, *rope.temporal)
-        return rearrange(out, "(b s) t d -> b (t s) d", s=grid[1] * grid[2])
+        # b from the tensor rather than s = H' * W' from grid: under torch.compile the grid's h, w ints
+        # then need no guards (nor specialisation under dynamic shapes) of their own
+        return rearrange(out, "(b s) t d -> b (t s) d", b=h.shape[0])
 
 
 class FinalLayer(nn.Module):

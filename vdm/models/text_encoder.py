@@ -109,6 +109,13 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator | No
     return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU from pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class TextEncoder(nn.Module):
     """Frozen pretrained text encoder: captions -> ((B, max_length, hidden) float32, (B, max_length) bool).
 
@@ -215,9 +222,9 @@ class TextEncoder(nn.Module):
                     torch.zeros(0, self.max_length, dtype=torch.bool, device=device))
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt")
-        ids = tokens["input_ids"].to(device)  # B L
-        mask = tokens["attention_mask"].to(device).bool()  # B L
-        mask[~mask.any(dim=1), 0] = True
+        mask = tokens["attention_mask"].bool()  # B L, on the host: no device sync to fix empty rows
+        mask[:, 0] |= ~mask.any(dim=1)
+        ids, mask = _to_device(tokens["input_ids"], device), _to_device(mask, device)  # B L
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.layer != "last")
         h = out.hidden_states[-2] if self.layer == "penultimate" else out.last_hidden_state  # B L D
         return h.float() * mask[..., None], mask
