@@ -8,7 +8,7 @@ keeps the comparison fair on a machine whose speed drifts. The pipeline is timed
 batches in [-1, 1] made in the workers and with uint8 batches converted after the device transfer
 (what the shipped data configs use).
 
-    python bench/data_throughput.py [--dir DIR] [--workers 2] [--rounds 3] [--json]
+    python bench/data_throughput.py [--dir DIR] [--workers 2] [--rounds 3] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=36, help="batches per timed round (epoch)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up epoch")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the result here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="vdm-bench-") as tmp:
@@ -241,9 +241,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": rates,
         "ratio_vs_best_raw": ratio,
     }
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return result
     print(
         f"{args.videos} videos {args.size}x{args.size}x{args.frames} H.264 (gop {args.gop}); clips of "
         f"{args.num_frames} frames; {args.batches * args.batch_size} clips x {args.rounds} rounds (medians)"
@@ -259,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, name, value in rows:
         print(f"{label:<68}{median[name]:>9.1f}{'' if value is None else f'{value:.2f}':>8}")
     print("ratio: pipeline / faster raw decode of the same clips, median over rounds")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -7,7 +7,8 @@ reference is the FLOP/s of a square matmul in the same dtype on the same device
 (``vdm.utils.perf.measured_matmul_flops``), measured between the timed steps so both see the same machine
 state. On a CUDA GPU the steps run under bf16 autocast and the table peak is reported too (MFU).
 
-    python bench/dit_step.py [--preset dit_b] [--latent 4 16 16] [--batch 4] [--text 64] [--steps 6] [--json OUT]
+    python bench/dit_step.py [--preset dit_b] [--latent 8 32 32] [--batch 2] [--text 64] [--steps 4]
+        [--checkpointing off] [--json OUT]
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build(preset: str, context_dim: int, device: torch.device, checkpointing: bool | None = None) -> torch.nn.Module:
+def build(
+    preset: str, context_dim: int, device: torch.device, checkpointing: bool | None = None
+) -> torch.nn.Module:
     from vdm.models.dit import VideoDiT
 
     config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml"))["dit"]
@@ -78,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     achieved = flops / step_s
     result = {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads",
         "parameters": sum(p.numel() for p in model.parameters()),
         "gradient_checkpointing": bool(model.gradient_checkpointing),
         "latent": [t, h, w],
@@ -98,15 +101,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--preset", default="dit_b")
-    parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"))
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--latent", type=int, nargs=3, default=[8, 32, 32], metavar=("T", "H", "W"))
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--text", type=int, default=64, help="text tokens (no padding)")
     parser.add_argument("--context-dim", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--checkpointing", choices=["preset", "on", "off"], default="off",
-                        help="activation checkpointing (recomputation is not model FLOPs: 'on' caps at ~75%%)")
+                        help="activation recomputation is not model FLOPs: 'on' caps the ratio at ~75%%")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=1024)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
