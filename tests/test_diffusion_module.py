@@ -18,7 +18,7 @@ from vdm.utils.vae_export import export_vae, load_vae_export
 
 
 def make_module(
-    export: Path, text_dir: Path, objective=None, cond_channels: int = 0, **kwargs
+    export: Path, text_dir: Path, objective=None, cond_channels: int = 0, fused: bool = False, **kwargs
 ) -> DiffusionModule:
     torch.manual_seed(0)
     dit = VideoDiT(
@@ -31,7 +31,7 @@ def make_module(
         context_dim=64,
     )
     text = TextEncoder(str(text_dir), "t5", max_length=16)
-    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3, fused=fused)  # noqa: E731
     return DiffusionModule(
         dit, str(export), text, optimizer, objective or RectifiedFlow(), ema_decay=0.9, **kwargs
     )

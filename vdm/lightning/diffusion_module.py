@@ -24,6 +24,7 @@ from vdm.lightning.nonfinite import (
 )
 from vdm.lightning.schedules import warmup_cosine
 from vdm.lightning.strategies import (
+    clip_by_norm,
     compile_blocks,
     is_deepspeed,
     param_dtype,
@@ -269,7 +270,7 @@ class DiffusionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The step's one host sync: loss and gradient norm finite, checked after the backward was queued,
         so the device only waits for the optimizer's launch."""
-        loss = getattr(self, "_loss", None)
+        loss, self._grad_norm = getattr(self, "_loss", None), None
         if is_deepspeed(self.trainer.strategy):  # p.grad is not this step's gradient: the engine's norm later
             if loss is not None and not is_finite(loss):  # no skipping inside the engine: the run stops
                 handle_nonfinite("stop", "loss", self.global_step, self._batch_keys)
@@ -287,15 +288,15 @@ class DiffusionModule(L.LightningModule):
             handle_nonfinite(self.hparams.nonfinite, what, self.global_step, self._batch_keys)
             drop_gradients(params)
             return
+        self._grad_norm = norm
         self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any
     ) -> None:
         if self.hparams.grad_clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
-            )
+            params = [p for p in self.dit.parameters() if p.grad is not None]
+            clip_by_norm(self, optimizer, params, getattr(self, "_grad_norm", None), self.hparams.grad_clip)
 
     @property
     def ema_detached(self) -> bool:

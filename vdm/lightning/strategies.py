@@ -154,3 +154,21 @@ def deepspeed_cpu_adam(params: Any, *, fused: bool | None = None, **kwargs: Any)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     return DeepSpeedCPUAdam(params, **kwargs)
+
+
+def clip_by_norm(
+    module: Any, optimizer: Any, params: list[torch.nn.Parameter], norm: torch.Tensor | None, max_norm: float
+) -> None:
+    """Scale the gradients of ``params`` to at most ``max_norm``, given their total ``norm`` (no host sync).
+
+    Lightning's ``clip_gradients`` refuses fused optimizers under any mixed precision, and computes the
+    norm a second time; without a gradient scaler (bf16, fp32) the gradients are the true ones, so they are
+    scaled here directly with the norm already computed. With a scaler (fp16) Lightning unscales first.
+    Under DeepSpeed the engine clips (``set_deepspeed_gradient_clipping``): nothing to do.
+    """
+    if is_deepspeed(module.trainer.strategy):
+        return
+    if getattr(module.trainer.precision_plugin, "scaler", None) is not None or norm is None:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)

@@ -20,7 +20,12 @@ from vdm.lightning.nonfinite import (
     is_finite,
 )
 from vdm.lightning.schedules import warmup_cosine
-from vdm.lightning.strategies import is_deepspeed, param_dtype, set_deepspeed_gradient_clipping
+from vdm.lightning.strategies import (
+    clip_by_norm,
+    is_deepspeed,
+    param_dtype,
+    set_deepspeed_gradient_clipping,
+)
 from vdm.metrics.reconstruction import frame_psnr, frame_ssim
 from vdm.models.discriminator import adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 
@@ -179,7 +184,7 @@ class VAEModule(L.LightningModule):
             (optimizer.optimizer if raw else optimizer).step()
             return None
         if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            clip_by_norm(self, optimizer, params, norm, self.hparams.grad_clip)
         # the raw optimizer step leaves global_step counting generator steps only
         (optimizer.optimizer if raw else optimizer).step()
         if norm is None and is_deepspeed(self.trainer.strategy):  # gradients live in DeepSpeed's buffers
