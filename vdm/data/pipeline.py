@@ -113,7 +113,6 @@ class VideoDataset(IterableDataset):
         self.video_dtype = torch.uint8 if video_dtype == "uint8" else torch.float32
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.skip_counters = SharedSkipCounters()
-        self.shard_errors = SHARD_ERRORS
         # training mode: batches carry their stream snapshot; ``resume`` continues an epoch mid-way
         # ({"epoch", "offset": batches consumed % workers, "workers": {logical worker: snapshot}})
         self.track_position = False
@@ -159,15 +158,21 @@ class VideoDataset(IterableDataset):
     def _read(
         self, urls: Iterable[str], stats: SkipStats, slot: int | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Raw samples of the shards in order; a broken shard is logged and left, and counted as one skip
-        in the shared counters of ``slot`` (None: not counted, another slot reads the same shards)."""
+        """Raw samples of the shards in order (see ``read_shard``)."""
         for url in urls:
-            try:
-                yield from iter_shard(url)
-            except SHARD_ERRORS as exc:
-                if slot is not None:
-                    self.skip_counters.add(slot, skipped=1, reason="shard")
-                stats.record_skip("<shard>", url, exc)
+            yield from self.read_shard(url, stats, slot)
+
+    def read_shard(
+        self, url: str, stats: SkipStats, slot: int | None = None, skip: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard from sample index ``skip``; a broken shard is logged and left, and
+        counted as one skip in the shared counters of ``slot`` (None: not counted, another slot reads it)."""
+        try:
+            yield from iter_shard(url, skip=skip)
+        except SHARD_ERRORS as exc:
+            if slot is not None:
+                self.skip_counters.add(slot, skipped=1, reason="shard")
+            stats.record_skip("<shard>", url, exc)
 
     def _train_batches(
         self, rank: int, world: int, worker: int, num_workers: int, epoch: int, stats: SkipStats
@@ -186,7 +191,6 @@ class VideoDataset(IterableDataset):
             rank=rank,
             worker=logical,
             stats=stats,
-            count=lambda ok, exc: self.skip_counters.add(slot, int(ok), int(not ok), skip_reason(exc)),
         )
         snap = resume["workers"].get(logical) if resume else None
         for batch, after in stream.batches(count, snap):
@@ -217,15 +221,24 @@ class VideoDataset(IterableDataset):
         self, raw: Iterable[dict[str, Any]], stats: SkipStats, rng: np.random.Generator, slot: int
     ) -> Iterator[Clip]:
         for sample in raw:
-            try:
-                clip = self._decode(sample, rng)
-            except SKIPPABLE as exc:
-                self.skip_counters.add(slot, skipped=1, reason=skip_reason(exc))
-                stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
-                continue
-            self.skip_counters.add(slot, ok=1)
-            stats.record_ok()
-            yield clip
+            clip = self.decode_counted(sample, rng, stats, slot)
+            if clip is not None:
+                yield clip
+
+    def decode_counted(
+        self, sample: dict[str, Any], rng: np.random.Generator, stats: SkipStats, slot: int
+    ) -> Any | None:
+        """``_decode`` with the outcome counted for ``slot`` (and a skip logged with its reason); None
+        for a skipped sample."""
+        try:
+            clip = self._decode(sample, rng)
+        except SKIPPABLE as exc:
+            self.skip_counters.add(slot, skipped=1, reason=skip_reason(exc))
+            stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
+            return None
+        self.skip_counters.add(slot, ok=1)
+        stats.record_ok()
+        return clip
 
     def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> Any:
         """One raw sample -> a decoded item with ``bucket``, ``key``, ``padded_copy()``; raises SKIPPABLE."""

@@ -21,14 +21,13 @@ and continues: the batches that follow are bit-identical to those of the uninter
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vdm.data.buckets import BucketBatcher
-from vdm.data.samples import SKIPPABLE
-from vdm.data.shards import derive_seed, iter_shard
+from vdm.data.shards import SHARD_ERRORS, derive_seed, iter_shard
 from vdm.data.skips import SkipStats
 
 if TYPE_CHECKING:
@@ -55,10 +54,9 @@ class TrainStream:
         rank: int,
         worker: int,
         stats: SkipStats,
-        count: Callable[[bool, BaseException | None], None],
     ) -> None:
         self.ds, self.slot, self.slots, self.epoch = dataset, slot, slots, epoch
-        self.rank, self.worker, self.stats, self.count = rank, worker, stats, count
+        self.rank, self.worker, self.stats = rank, worker, stats
         self.last: Pos | None = None
         self.buffer: list[tuple[Pos, dict[str, Any]]] = []
         self.shuffle_rng = random.Random(derive_seed(dataset.seed, epoch, rank, worker, "shuffle"))
@@ -88,14 +86,7 @@ class TrainStream:
 
     def _shard(self, url: str, skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(sample index, raw sample) of one shard from index ``skip``; a broken shard is one counted skip."""
-        k = skip
-        try:
-            for sample in iter_shard(url, skip=skip):
-                yield k, sample
-                k += 1
-        except self.ds.shard_errors as exc:
-            self.count(False, None)
-            self.stats.record_skip("<shard>", url, exc)
+        return enumerate(self.ds.read_shard(url, self.stats, self.slot, skip), start=skip)
 
     def source(self, start: Pos = (0, 0, 0)) -> Iterator[tuple[Pos, dict[str, Any]]]:
         """Raw samples of this slot from position ``start`` on (endless)."""
@@ -139,7 +130,7 @@ class TrainStream:
                             found[(r, i, k)] = sample
                         if k >= max(ks):
                             break
-                except self.ds.shard_errors as exc:
+                except SHARD_ERRORS as exc:
                     message = f"cannot read shard {url} again to restore the data stream"
                     raise StreamRestoreError(message) from exc
                 missing = sorted(k for k in ks if (r, i, k) not in found)
@@ -155,16 +146,7 @@ class TrainStream:
     def decode(self, pos: Pos, sample: dict[str, Any]) -> Any | None:
         """The decoded clip of a sample (its random start/crop seeded by its position); None if skipped."""
         seed = derive_seed(self.ds.seed, self.epoch, self.rank, self.worker, *pos, "clip")
-        rng = np.random.default_rng(seed)
-        try:
-            clip = self.ds._decode(sample, rng)
-        except SKIPPABLE as exc:
-            self.count(False, exc)
-            self.stats.record_skip(str(sample.get("__key__")), str(sample.get("__url__")), exc)
-            return None
-        self.count(True, None)
-        self.stats.record_ok()
-        return clip
+        return self.ds.decode_counted(sample, np.random.default_rng(seed), self.stats, self.slot)
 
     def shuffled(self, source: Iterator[tuple[Pos, dict[str, Any]]]) -> Iterator[tuple[Pos, dict[str, Any]]]:
         """Buffered shuffle: keep ``shuffle_buffer`` samples, emit a random one as each new one arrives."""

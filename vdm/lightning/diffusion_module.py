@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -11,8 +10,9 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from vdm.diffusion.common import Generators, randn
+from vdm.diffusion.common import Generators
 from vdm.diffusion.objectives import DiffusionObjective
+from vdm.lightning.diffusion_draws import sample_generators, training_draws
 from vdm.lightning.diffusion_sampling import image_condition, sample_videos
 from vdm.lightning.ema import EMA
 from vdm.lightning.nonfinite import (
@@ -31,6 +31,7 @@ from vdm.lightning.strategies import (
     set_deepspeed_gradient_clipping,
 )
 from vdm.models.text_encoder import TextEncoder
+from vdm.utils.flops import dit_flops, tokens_per_sample
 from vdm.utils.vae_export import load_vae_export
 
 log = logging.getLogger(__name__)
@@ -186,49 +187,21 @@ class DiffusionModule(L.LightningModule):
         return self.objective.loss(prediction.float(), z, noise, t).mean()
 
     def draw(self, z: torch.Tensor, generator: Generators | None = None) -> dict[str, torch.Tensor]:
-        """The random parts of one training step: noise, times, caption drops, image conditioning.
-
-        With one generator per sample, each sample's draws come from its own generator only. Drawn on
-        the CPU and copied to the device from pinned memory without waiting; ``drop_host`` stays on the
-        CPU so deciding which captions to drop reads no device tensor.
-        """
-        b = z.shape[0]
-        num_tokens = self.num_tokens(z.shape[2:])
-        if generator is None or isinstance(generator, torch.Generator):
-            noise = torch.randn(z.shape, generator=generator, device="cpu")
-            t = self.objective.sample_time(b, num_tokens, generator=generator)
-            u = torch.rand(2, b, generator=generator)
-        else:
-            noise = randn(z.shape, generator, "cpu")
-            t = torch.cat([self.objective.sample_time(1, num_tokens, generator=g) for g in generator])
-            u = torch.stack([torch.rand(2, generator=g) for g in generator], dim=1)
-        drop = u[0] < self.hparams.caption_dropout
-        return {
-            "noise": self._to_device(noise),
-            "t": self._to_device(t),
-            "drop": self._to_device(drop),
-            "drop_host": drop,
-            "use_image": self._to_device(u[1] < self.hparams.i2v_probability),
-        }
-
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the module's device; to a GPU through pinned memory, without a host sync."""
-        if self.device.type != "cuda":
-            return x.to(self.device)
-        return x.pin_memory().to(self.device, non_blocking=True)
+        """The random parts of one training step (``vdm.lightning.diffusion_draws.training_draws``)."""
+        return training_draws(
+            self.objective,
+            z.shape,
+            self.num_tokens(z.shape[2:]),
+            generator,
+            caption_dropout=self.hparams.caption_dropout,
+            i2v_probability=self.hparams.i2v_probability,
+            device=z.device,
+        )
 
     def sample_generators(self, batch: dict[str, Any], salt: str) -> list[torch.Generator] | None:
-        """One generator per sample, seeded by (run seed, sample key, ``salt``); None without sample keys.
-
-        The draws of a sample then depend on what it is and when it is seen, not on its rank, position or
-        batch: a run on N ranks draws what one process with the same global batch draws, and a resumed
-        run draws what the uninterrupted one did, with no RNG state to restore.
-        """
-        keys = batch.get("key")
-        if not keys:
-            return None
-        base = torch.initial_seed()  # set by seed_everything(cfg.seed), the same on every rank
-        return [torch.Generator().manual_seed(keyed_seed(base, str(k), salt)) for k in keys]
+        """One generator per sample, seeded by (run seed, sample key, ``salt``); None without sample keys."""
+        # the run seed, set by seed_everything(cfg.seed): the same on every rank
+        return sample_generators(batch.get("key"), torch.initial_seed(), salt)
 
     def batch_work(self, batch: dict[str, Any]) -> tuple[int, int, int]:
         """(samples, DiT tokens, training FLOPs of the DiT) of a batch, from shapes only (no sync).
@@ -237,8 +210,6 @@ class DiffusionModule(L.LightningModule):
         text encoder are not model FLOPs of this stage. Cross-attention counts the padded text length
         (real lengths would need the mask's values).
         """
-        from vdm.utils.flops import dit_flops, tokens_per_sample
-
         if "latent" in batch:
             b, *_, t, h, w = batch["latent"].shape
         else:
@@ -246,15 +217,13 @@ class DiffusionModule(L.LightningModule):
         length = int(batch["text"].shape[1]) if "text" in batch else int(self.text_encoder.max_length)
         key = (t, h, w, length)
         if key not in self._work:
-            self._work[key] = (tokens_per_sample(self.dit, (t, h, w)), dit_flops(self.dit, (t, h, w), length,
-                                                                                 training=True))
+            flops = dit_flops(self.dit, (t, h, w), length, training=True)
+            self._work[key] = (tokens_per_sample(self.dit, (t, h, w)), flops)
         tokens, flops = self._work[key]
         return int(b), int(b) * tokens, int(b) * flops
 
     def num_tokens(self, latent_thw: Sequence[int]) -> int:
-        pt, ph, pw = self.dit.patch_size
-        t, h, w = latent_thw
-        return (t // pt) * (h // ph) * (w // pw)
+        return tokens_per_sample(self.dit, latent_thw)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z = self.normalized_latents(batch)
@@ -435,12 +404,6 @@ class DiffusionModule(L.LightningModule):
             ema = {k.removeprefix("ema."): state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
             if ema:
                 self.ema.load_state_dict(ema, strict=True)
-
-
-def keyed_seed(base: int, key: str, salt: str) -> int:
-    """A 63-bit seed from (base seed, sample key, salt), stable across processes and Python versions."""
-    digest = hashlib.blake2b(f"{base}\0{key}\0{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _check_compatible(dit: torch.nn.Module, channels: int, text_dim: int, i2v_probability: float) -> None:

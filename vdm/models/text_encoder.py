@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vdm.utils.devices import to_device_nonblocking
+
 log = logging.getLogger(__name__)
 
 TextEncoderKind = Literal["t5", "clip"]
@@ -107,13 +109,6 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator | No
         return []
     drop = torch.rand(len(captions), generator=generator) < p  # rand is in [0, 1): p=1 drops all
     return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU from pinned memory without blocking the host."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 class TextEncoder(nn.Module):
@@ -224,7 +219,8 @@ class TextEncoder(nn.Module):
                                 return_tensors="pt")
         mask = tokens["attention_mask"].bool()  # B L, on the host: no device sync to fix empty rows
         mask[:, 0] |= ~mask.any(dim=1)
-        ids, mask = _to_device(tokens["input_ids"], device), _to_device(mask, device)  # B L
+        ids = to_device_nonblocking(tokens["input_ids"], device)  # B L
+        mask = to_device_nonblocking(mask, device)
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.layer != "last")
         h = out.hidden_states[-2] if self.layer == "penultimate" else out.last_hidden_state  # B L D
         return h.float() * mask[..., None], mask
