@@ -22,13 +22,43 @@ from vdm.utils.config_check import ConfigError, validate_config
 log = logging.getLogger("vdm.evaluate")
 
 
-def use_stored_model_config(cfg: DictConfig, checkpoint: LoadedCheckpoint, ckpt: Path) -> None:
-    """Build the model the checkpoint was trained with (its stored config), whatever ``model=`` says."""
-    stored = checkpoint.meta.get("vdm_config") or {}
-    if "model" in stored and OmegaConf.to_container(cfg.model, resolve=True) != stored["model"]:
-        log.info("using the model config stored in %s", ckpt)
-        with open_dict(cfg):
-            cfg.model = stored["model"]
+#: what a checkpoint's stored run config decides: the stage (module, optimizer), the model with its VAE export
+#: and text encoder, the data and where the evaluation prompts live
+RUN_KEYS = ("model", "module", "optimizer", "data", "synthetic", "synthetic_text_encoder", "latents", "corpus",
+            "heldout_prompts_file", "eval_prompts_file")
+
+
+def command_line_overrides() -> list[str]:
+    """The ``key=value`` overrides this run was started with (none outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def use_checkpoint_config(cfg: DictConfig, stored: dict, overrides: list[str], ckpt: Path) -> None:
+    """Evaluate the stage, model and data the checkpoint was trained with (its stored, resolved config), so
+    ``ckpt_path`` alone is enough; command-line overrides of those keys (``data.batch_size=8``) still win."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with open_dict(cfg):
+        for key in RUN_KEYS:
+            if key in stored:
+                cfg[key] = stored[key]
+            elif key.endswith("_prompts_file"):
+                cfg[key] = None  # found from the stored corpus, if any
+            elif key in cfg:
+                del cfg[key]
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.key_or_group
+            if key.split(".")[0] not in RUN_KEYS:
+                continue
+            if "." not in key:
+                log.warning("ignoring %s: the checkpoint's config decides %s", override.input_line, key)
+                continue
+            OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
+    log.info("stage, model and data from the config stored in %s", ckpt)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -40,9 +70,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"ckpt_path: no such checkpoint: {ckpt}")
     checkpoint = load_checkpoint(ckpt)
     log.info("loaded %s checkpoint %s (step %s)", checkpoint.format, ckpt, checkpoint.meta.get("global_step"))
-    use_stored_model_config(cfg, checkpoint, ckpt)
+    stored = checkpoint.meta.get("vdm_config")
+    if stored:
+        use_checkpoint_config(cfg, stored, command_line_overrides(), ckpt)
     datamodule, module, trainer = setup_run(cfg)
-    from vdm.lightning.generation_eval import evaluate_generation, load_weights
+    from vdm.eval.text_to_video import evaluate_generation, load_weights
 
     if hasattr(module, "sample"):  # stage 2: generate and score
         return evaluate_generation(module, cfg, ckpt, checkpoint, Path(cfg.paths.output_dir), datamodule)

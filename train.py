@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vdm.utils.config_check import validate_config
 from vdm.utils.runtime import (
+    apply_auto_precision,
     configure_torch,
     resolved_config,
     save_resolved_config,
@@ -22,8 +23,8 @@ log = logging.getLogger("vdm.train")
 
 
 def prepare_corpus(cfg: DictConfig) -> None:
-    """Generate the built-in synthetic corpus (and its stand-in text encoder) on first use; no-op when
-    they exist or a real corpus / text encoder is configured."""
+    """Generate the built-in synthetic corpus (and its stand-in text encoder) on first use, then the latent
+    corpus that ``latents.from_corpus`` asks for; each is a no-op when it exists with the same settings."""
     if cfg.get("synthetic") is not None:
         from data_prep.synthetic import ensure_synthetic_corpus
 
@@ -32,6 +33,38 @@ def prepare_corpus(cfg: DictConfig) -> None:
         from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
 
         ensure_random_text_encoder(**cfg.synthetic_text_encoder, vocab=synthetic_vocabulary())
+    latents = cfg.get("latents")
+    if latents is not None and latents.get("from_corpus") is not None:
+        from data_prep.precompute_latents import ensure_latent_corpus
+
+        encoder = hydra.utils.instantiate(cfg.model.text_encoder) if cfg.model.get("text_encoder") else None
+        ensure_latent_corpus(latents.root, latents.from_corpus, cfg.model.vae_export, num_frames=cfg.data.num_frames,
+                             height=cfg.data.height, width=cfg.data.width, text_encoder=encoder)
+
+
+def resolve_run_inputs(cfg: DictConfig) -> None:
+    """Settings that depend on this machine or on earlier runs, fixed before the config is checked:
+    ``trainer.precision=auto``, the synthetic corpus's prompt files where none are named, and a stage-2
+    ``model.vae_export`` given as ``latest`` or a run name."""
+    apply_auto_precision(cfg)
+    synthetic = cfg.get("synthetic")
+    for key, name in (("heldout_prompts_file", "prompts_heldout.txt"), ("eval_prompts_file", "prompts_eval.jsonl")):
+        if key in cfg and cfg[key] is None and synthetic is not None:
+            cfg[key] = str(Path(synthetic.root) / name)
+    export = cfg.get("model", {}).get("vae_export")
+    if export is None or OmegaConf.is_missing(cfg.model, "vae_export"):
+        return
+    from vdm.utils.config_rules import ConfigError
+    from vdm.utils.vae_export import ExportError, resolve_vae_export
+
+    try:
+        path, how = resolve_vae_export(export, cfg.paths.log_dir)
+    except ExportError as err:
+        if export == "latest":
+            raise ConfigError(str(err)) from err
+        return  # the config check names the bad path
+    log.info("VAE export: %s (%s)", path, how)
+    cfg.model.vae_export = str(path)
 
 
 def instantiate_trainer(cfg: DictConfig) -> Any:
@@ -79,6 +112,7 @@ def apply_global_batch(cfg: DictConfig) -> None:
 
 def setup_run(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """Validate the config (before anything heavy), record it, seed, then build data, module and trainer."""
+    resolve_run_inputs(cfg)
     validate_config(cfg)
     apply_global_batch(cfg)
     save_resolved_config(resolved_config(cfg), cfg.paths.output_dir)

@@ -21,10 +21,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import fcntl
 import glob
 import io
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,6 +163,70 @@ def precompute(
             "normalized": False,
         }
         return sink.finish(source="precompute_latents", options=options, extra_fields={"latents": latents})
+
+
+def _current(out: Path, options: dict[str, Any], tags: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a complete latent corpus made with these options, VAE and text encoder."""
+    manifest = load_manifest(out / "manifest.json") if (out / "manifest.json").is_file() else None
+    if manifest is None:
+        return False
+    info = manifest.get("latents") or {}
+    return manifest.get("options") == options and all(info.get(k) == v for k, v in tags.items())
+
+
+def ensure_latent_corpus(
+    out: str | Path,
+    corpus: str | Path,
+    vae_export: str | Path,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    text_encoder: TextEncoder | None = None,
+    batch_size: int = 8,
+    backend: str = "decord",
+) -> Path:
+    """Return ``out`` holding the latents of ``corpus`` under ``vae_export`` (and ``text_encoder``), encoding
+    them first when ``out`` is missing, incomplete or made with other settings.
+
+    Built in a temporary sibling and renamed into place, so an interrupted build is redone, never kept.
+    Refuses to replace a non-empty folder that is not a latent corpus.
+    """
+    out, corpus = Path(out).resolve(), Path(corpus).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (every rank of a run calls this); the others then find the corpus current
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_locked(out, corpus, vae_export, num_frames, height, width, text_encoder, batch_size,
+                              backend)
+
+
+def _ensure_locked(out: Path, corpus: Path, vae_export: str | Path, num_frames: int, height: int, width: int,
+                   text_encoder: TextEncoder | None, batch_size: int, backend: str) -> Path:
+    options = {"corpus": str(corpus), "num_frames": num_frames, "height": height, "width": width,
+               "frame_stride": 1}
+    tags = {"vae_hash": load_vae_export(vae_export).vae_hash,
+            "text_encoder": text_encoder.identifier if text_encoder is not None else None}
+    if _current(out, options, tags):
+        log.info("reusing latent corpus %s", out)
+        return out
+    if out.exists() and any(out.iterdir()):
+        manifest = load_manifest(out / "manifest.json") if (out / "manifest.json").is_file() else None
+        if "latents" not in (manifest or {}):
+            raise FileExistsError(f"{out} exists and is not a latent corpus; refusing to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("encoding the latents of %s into %s", corpus, out)
+    try:
+        precompute(str(corpus), str(vae_export), str(tmp), num_frames=num_frames, height=height, width=width,
+                   batch_size=batch_size, text_encoder=text_encoder, backend=backend)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

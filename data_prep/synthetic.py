@@ -32,7 +32,7 @@ import numpy as np
 
 from vdm.data.encode import EncodeOptions, encode_frames
 from data_prep.shard_writer import EncodedSample, ShardSink, read_manifest, sample_key
-from data_prep.synthetic_scenes import Scene, heldout_prompts, render_scene, sample_scene
+from vdm.synthetic.scenes import Scene, evaluation_prompts, heldout_prompts, render_scene, sample_scene
 from vdm.data.probe import probe_media
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ GENERATOR = "vdm-synthetic"
 GENERATOR_VERSION = 1
 PROMPTS_JSONL = "prompts_heldout.jsonl"
 PROMPTS_TXT = "prompts_heldout.txt"
+PROMPTS_EVAL = "prompts_eval.jsonl"
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -111,11 +112,20 @@ def _samples(config: SyntheticConfig, workers: int | None) -> Iterator[EncodedSa
         yield from pool.imap(_make_sample_task, tasks, chunksize=16)
 
 
-def write_prompts(out_dir: Path, prompts: list[dict[str, Any]]) -> None:
-    """``prompts_heldout.jsonl`` ({"prompt", "seed", "attributes"} per line) and ``.txt`` (one per line)."""
-    lines = "".join(json.dumps(p, sort_keys=True) + "\n" for p in prompts)
-    (out_dir / PROMPTS_JSONL).write_text(lines, encoding="utf-8")
-    (out_dir / PROMPTS_TXT).write_text("".join(p["prompt"] + "\n" for p in prompts), encoding="utf-8")
+def write_prompts(out_dir: Path, config: SyntheticConfig) -> None:
+    """``prompts_heldout.jsonl`` ({"prompt", "seed", "attributes"} per line) and ``.txt`` (one per line), and
+    ``prompts_eval.jsonl``: the held-out prompts plus as many of seen combinations, with their ``group``."""
+    heldout = heldout_prompts(config.seed, config.prompts_per_pair)
+    evaluation = evaluation_prompts(config.seed, config.prompts_per_pair)
+    files = {
+        PROMPTS_JSONL: "".join(json.dumps(p, sort_keys=True) + "\n" for p in heldout),
+        PROMPTS_TXT: "".join(p["prompt"] + "\n" for p in heldout),
+        PROMPTS_EVAL: "".join(json.dumps(p, sort_keys=True) + "\n" for p in evaluation),
+    }
+    for name, text in files.items():
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out_dir / name)
 
 
 def generate_synthetic_corpus(out_dir: str | Path, config: SyntheticConfig, *, workers: int | None = None,
@@ -128,7 +138,7 @@ def generate_synthetic_corpus(out_dir: str | Path, config: SyntheticConfig, *, w
         total = config.num_train + config.num_val
         for sample in tqdm(_samples(config, workers), total=total, unit="video", disable=not progress):
             sink.add(sample)
-        write_prompts(out, heldout_prompts(config.seed, config.prompts_per_pair))
+        write_prompts(out, config)
         return sink.finish(source=f"synthetic:seed={config.seed}", options=config.options(),
                            extra_fields={"prompts": PROMPTS_JSONL})
 
@@ -169,6 +179,8 @@ def ensure_synthetic_corpus(root: str | Path, *, seed: int = 0, num_train: int =
     with _lock(root.parent / f".{root.name}.lock"):
         if corpus_is_current(root, config.options()):
             log.info("reusing synthetic corpus at %s", root)
+            if not (root / PROMPTS_EVAL).is_file():  # a corpus written before the evaluation prompts existed
+                write_prompts(root, config)
             return root
         _check_replaceable(root)
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"

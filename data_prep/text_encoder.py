@@ -12,7 +12,7 @@ path as a real T5/CLIP, so the default run exercises the real code without downl
 
 Without ``--vocab-from-captions`` the vocabulary is every word a synthetic-corpus caption can contain
 (``synthetic_vocabulary()``, built from the word lists and phrase templates of
-``data_prep.synthetic_scenes``). Caption files are plain text (one caption per line) or JSON lines
+``vdm.synthetic.scenes``). Caption files are plain text (one caption per line) or JSON lines
 with a "caption", "prompt" or "text" field. The same options give byte-identical files.
 """
 
@@ -66,10 +66,10 @@ def synthetic_vocabulary() -> list[str]:
     """Every word a synthetic-corpus caption or held-out prompt can contain (sorted, lowercase).
 
     Enumerates captions of every (shape, color, motion, speed, background) through the phrase
-    templates of ``data_prep.synthetic_scenes`` (two-object captions add "and"), so the vocabulary
+    templates of ``vdm.synthetic.scenes`` (two-object captions add "and"), so the vocabulary
     follows that module's word lists without scanning shards.
     """
-    from data_prep import synthetic_scenes as scenes
+    from vdm.synthetic import scenes
 
     placeholder = ((0.0, 0.0), (0.0, 0.0), (1.0, 1.0))  # positions and radii do not reach the caption
     captions = []

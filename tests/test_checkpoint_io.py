@@ -9,6 +9,7 @@ import torch
 
 from vdm.lightning.checkpoint_io import AtomicCheckpointIO
 from vdm.utils.resume import checkpoint_complete, find_resume_checkpoint
+from vdm.utils.runtime import apply_auto_precision
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
@@ -46,5 +47,6 @@ def test_the_trainer_configs_use_it(tiny_train_cfg) -> None:
     import hydra
 
     cfg = tiny_train_cfg()
+    apply_auto_precision(cfg)  # trainer.precision=auto: train.py resolves it for this machine first
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

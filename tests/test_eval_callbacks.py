@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 from tests.test_diffusion_module import make_module
 from vdm.data.datamodule import VideoDataModule
-from vdm.evaluation import PromptSpec, video_seed
+from vdm.eval.prompts import PromptSpec, video_seed
 from vdm.lightning.eval_callbacks import GenerationMetrics, ReconstructionFVD
-from vdm.lightning.generation_eval import fvd_protocol, real_videos, reference_statistics
+from vdm.eval.text_to_video import fvd_protocol, real_videos, reference_statistics
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, frechet_distance, save_statistics
 from vdm.metrics.i3d import fvd_preprocess, load_i3d
@@ -112,7 +112,9 @@ def test_generation_metrics_equal_direct_computation(
     clip.update(CLIPScorer(clip_dir)(videos, [PROMPTS[i] for i, _, _ in items]))
     fvd = FrechetVideoDistance(400, reference=direct)
     fvd.update(detector(fvd_preprocess(videos, num_frames=16)).double(), real=False)
-    assert metrics["val/clip_score"] == pytest.approx(float(clip.compute()["clip_score"]), rel=1e-6)
+    # CLIP runs in float32 on batches of 3 here and 6 there: the matmul kernels differ by CPU (AVX2 vs
+    # AVX-512) and batch shape, which moves the score by ~1e-6 relative
+    assert metrics["val/clip_score"] == pytest.approx(float(clip.compute()["clip_score"]), rel=1e-5)
     # I3D runs in float32 on batches of 3 here and 6 there: round-off, amplified by a rank-deficient fit
     assert metrics["val/fvd"] == pytest.approx(float(fvd.compute()), rel=1e-4)
     assert set(metrics) == {"val/clip_score", "val/clipsim", "val/fvd"}

@@ -21,7 +21,7 @@ from data_prep.synthetic import (
     generate_synthetic_corpus,
     scene_for,
 )
-from data_prep.synthetic_scenes import (
+from vdm.synthetic.scenes import (
     COLORS,
     HELDOUT_COLOR_MOTION,
     HELDOUT_SHAPE_COLOR,

@@ -226,7 +226,7 @@ def test_ensure_reuses_existing_folder(tmp_path: Path) -> None:
 
 
 def test_synthetic_vocabulary_covers_the_corpus() -> None:
-    from data_prep.synthetic_scenes import heldout_prompts, sample_scene
+    from vdm.synthetic.scenes import heldout_prompts, sample_scene
 
     vocab = set(synthetic_vocabulary())
     rng = np.random.default_rng(0)

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from vdm.data.encode import encode_frames
-from vdm.evaluation import ENCODE_OPTIONS, read_prompts, to_uint8_frames
+from vdm.eval.generation import ENCODE_OPTIONS, to_uint8_frames
+from vdm.eval.prompts import read_prompts
 from vdm.lightning.strategies import param_dtype
 from vdm.utils.vae_export import compute_latent_stats, export_vae
 

@@ -71,8 +71,11 @@ class DiffusionModule(L.LightningModule):
         expected_vae_hash: str | None = None,
         compile_blocks: bool = False,
         nonfinite: NonFinitePolicy = "stop",
+        val_t_bands: int = 4,
     ) -> None:
         super().__init__()
+        if val_t_bands < 1:
+            raise ValueError(f"module.val_t_bands must be >= 1, got {val_t_bands}")
         if not 0.0 <= caption_dropout <= 1.0 or not 0.0 <= i2v_probability <= 1.0:
             raise ValueError(
                 f"module.caption_dropout and module.i2v_probability must be in [0, 1], "
@@ -95,7 +98,13 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("latent_mean", torch.tensor(stats.mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latent_std", torch.tensor(stats.std).view(1, -1, 1, 1, 1), persistent=False)
         self.run_config: dict[str, Any] = {}
-        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("loss", "loss_ema")})
+        # validation loss in val_t_bands equal bands of t: val/loss_t0.00-0.25 ... val/loss_t0.75-1.00
+        self.t_band_edges = torch.linspace(0.0, 1.0, val_t_bands + 1, dtype=torch.float64)
+        edges = self.t_band_edges.tolist()
+        self.t_band_names = [f"loss_band{i}" for i in range(val_t_bands)]  # module keys cannot hold dots
+        self.val_log_names = {f"loss_band{i}": f"loss_t{lo:.2f}-{hi:.2f}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))}
+        names = ("loss", "loss_ema", *self.t_band_names)
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in names})
         self._batch_keys: list[str] | None = None
         self._loss: torch.Tensor | None = None
         # batch_work per (latent T, H, W, text length)
@@ -173,8 +182,10 @@ class DiffusionModule(L.LightningModule):
         t: torch.Tensor,
         use_image: torch.Tensor | None = None,
         model: torch.nn.Module | None = None,
+        reduce: bool = True,
     ) -> torch.Tensor:
-        """Mean objective loss of ``model`` (default: the DiT) at noise ``noise`` and times ``t`` (B,)."""
+        """Mean objective loss of ``model`` (default: the DiT) at noise ``noise`` and times ``t`` (B,); the
+        per-sample losses (B,) when not ``reduce``."""
         model = self.dit if model is None else model
         x_t = self.objective.add_noise(z, noise, t)
         if self.image_to_video:
@@ -184,7 +195,8 @@ class DiffusionModule(L.LightningModule):
             x_t = torch.cat([x_t, image_condition(z, use).to(x_t)], dim=1)
         dtype = param_dtype(model)  # fp32 params (autocast does the rest), or bf16 ones under DeepSpeed
         prediction = model(x_t.to(dtype), t, context.to(dtype), mask)
-        return self.objective.loss(prediction.float(), z, noise, t).mean()
+        losses = self.objective.loss(prediction.float(), z, noise, t)
+        return losses.mean() if reduce else losses
 
     def draw(self, z: torch.Tensor, generator: Generators | None = None) -> dict[str, torch.Tensor]:
         """The random parts of one training step (``vdm.lightning.diffusion_draws.training_draws``)."""
@@ -315,16 +327,27 @@ class DiffusionModule(L.LightningModule):
         drop = torch.zeros_like(rnd["drop"])
         context, mask = self.text_context(batch, drop, torch.zeros_like(rnd["drop_host"]))
         rows = torch.tensor(keep, device=z.device)
-        args = (z[rows], context[rows], mask[rows], rnd["noise"][rows], rnd["t"][rows])
-        self.val_metrics["loss"].update(self.diffusion_loss(*args), weight=int(rows.sum()))
+        t = rnd["t"][rows]
+        args = (z[rows], context[rows], mask[rows], rnd["noise"][rows], t)
+        losses = self.diffusion_loss(*args, reduce=False)
+        self.val_metrics["loss"].update(losses.mean(), weight=int(rows.sum()))
         self.val_metrics["loss_ema"].update(
             self.diffusion_loss(*args, model=self.ema.module), weight=int(rows.sum())
         )
+        # the loss per band of diffusion time: which noise levels the model has learned
+        band = torch.bucketize(t.float(), self.t_band_edges.to(t.device)[1:-1], right=True)
+        for i, name in enumerate(self.t_band_names):
+            selected = band == i
+            # every band is updated on every rank (weight 0 when empty), so the metric syncs stay in step
+            value = losses[selected].mean() if selected.any() else losses.new_zeros(())
+            self.val_metrics[name].update(value, weight=int(selected.sum()))
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
             if metric.update_called:
-                self.log(f"val/{name}", metric.compute(), prog_bar=name == "loss")
+                value = metric.compute()  # synced over ranks; NaN for a band no rank drew a time in
+                if torch.isfinite(value):
+                    self.log(f"val/{self.val_log_names.get(name, name)}", value, prog_bar=name == "loss")
             metric.reset()
 
     # sampling

@@ -65,7 +65,7 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak = peak_flops(pl_module.device, trainer.precision, self.peak_tflops)
-        log.info("MFU against a peak of %.1f TFLOP/s", self.peak / 1e12)
+        log.info("MFU against a peak of %.3g TFLOP/s", self.peak / 1e12)
 
     @staticmethod
     def _loader_wait(trainer: L.Trainer) -> float | None:

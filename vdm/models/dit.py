@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from vdm.models.dit_layers import (
     DiTBlock,
     FinalLayer,
+    PooledTextEmbedder,
     RopeTables,
     RotaryEmbedding3d,
     TimestepEmbedder,
@@ -122,6 +123,8 @@ class VideoDiT(nn.Module):
         micro_conditions: subset of ``("fps", "frames", "height", "width")``; each is embedded like
             the timestep (without the x1000) and added to the conditioning vector. Their output
             layers start at zero, so at init the conditioning vector is the timestep embedding alone.
+        pooled_text: also add an embedding of the mean of the real text tokens to the conditioning
+            vector (SD3's pooled text vector; output layer zero at init), besides cross-attention.
         gradient_checkpointing: recompute each block's activations in backward.
     """
 
@@ -141,6 +144,7 @@ class VideoDiT(nn.Module):
         rope_axes_dim: Sequence[int] | None = None,
         rope_theta: float = 10000.0,
         micro_conditions: Sequence[str] = (),
+        pooled_text: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -165,6 +169,7 @@ class VideoDiT(nn.Module):
         self.x_embedder = nn.Conv3d(in_channels + cond_channels, hidden_size, patch, stride=patch)
         self.t_embedder = TimestepEmbedder(hidden_size, scale=1000.0)
         self.micro_embedders = nn.ModuleDict({name: TimestepEmbedder(hidden_size, 1.0) for name in micro})
+        self.pooled_embedder = PooledTextEmbedder(context_dim, hidden_size) if pooled_text else None
         # PixArt-alpha's caption projection: text tokens to the transformer width
         self.context_embedder = nn.Sequential(
             nn.Linear(context_dim, hidden_size),
@@ -182,7 +187,8 @@ class VideoDiT(nn.Module):
     def initialize_weights(self) -> None:
         """DiT init: xavier-uniform linears (zero bias), patch embedding xavier on its flattened
         kernel, N(0, 0.02) embedding MLPs, and zeros for every adaLN modulation, the final layer,
-        each cross-attention output projection (PixArt) and each micro-condition output layer.
+        each cross-attention output projection (PixArt) and each micro-condition and pooled-text output
+        layer.
 
         The zeros make every block the identity and the model output exactly 0 at init (adaLN-Zero).
         Zeroing the temporal attention projection as well would be a trap: with its gate also 0,
@@ -201,6 +207,9 @@ class VideoDiT(nn.Module):
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         for embedder in self.micro_embedders.values():
             nn.init.zeros_(embedder.mlp[2].weight)
+        if self.pooled_embedder is not None:
+            nn.init.normal_(self.pooled_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.pooled_embedder.mlp[2].weight)
         nn.init.normal_(self.context_embedder[0].weight, std=0.02)
         nn.init.normal_(self.context_embedder[2].weight, std=0.02)
         zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
@@ -246,6 +255,8 @@ class VideoDiT(nn.Module):
         # the later blocks' inputs, an extra recompile once shapes turn dynamic
         tokens = rearrange(tokens, "b d t h w -> b (t h w) d").contiguous()  # B N D
         c = self.t_embedder(t) + self._micro_embedding(fps, size, x.shape[0])  # B D float32
+        if self.pooled_embedder is not None:
+            c = c + self.pooled_embedder(context, context_mask)
         ctx = self.context_embedder(context)  # B L D
         attn_mask, has_context = context_attention_mask(context_mask)  # B 1 1 L, B
         rope = self._rope_tables(grid, x.device)

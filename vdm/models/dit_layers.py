@@ -109,6 +109,27 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(sinusoidal_embedding(values.float() * self.scale, self.frequency_dim))
 
 
+class PooledTextEmbedder(nn.Module):
+    """Masked mean of the text tokens -> (B, D), Linear-SiLU-Linear in float32: a pooled text vector added to
+    the adaLN conditioning (as SD3 adds CLIP's), so prompt-wide attributes modulate every block directly.
+    An empty caption (no real token) pools to zeros."""
+
+    def __init__(self, context_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            Fp32Linear(context_dim, hidden_size), nn.SiLU(), Fp32Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, C) tokens and (B, L) bool mask (None: all real) -> (B, D) float32."""
+        if context_mask is None:
+            weights = context.new_ones(context.shape[:2], dtype=torch.float32)
+        else:
+            weights = context_mask.float()
+        pooled = (context.float() * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return self.mlp(pooled)
+
+
 class RotaryEmbedding3d(nn.Module):
     """3D rotary position embedding: head_dim = d_t + d_h + d_w, one RoPE per patch-grid axis.
 

@@ -36,6 +36,11 @@ def validate_config(cfg: DictConfig, skip: Sequence[str] = ("hydra",)) -> None:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{key}: cannot resolve value: {err.msg if hasattr(err, 'msg') else err}") from err
+    trainer = resolved.get("trainer") if isinstance(resolved, dict) else None
+    if isinstance(trainer, dict) and trainer.get("precision") == "auto":  # what the run will resolve it to
+        from vdm.utils.runtime import resolve_precision
+
+        trainer["precision"] = resolve_precision("auto", trainer.get("accelerator"))
     for key, node in _target_nodes(resolved, ""):
         _check_target_node(key, node)
     check_project_rules(resolved)

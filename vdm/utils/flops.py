@@ -149,7 +149,7 @@ def dit_flops_breakdown(model: VideoDiT, latent_thw: Sequence[int], context_len:
         raise ValueError(f"context_len (real text tokens) must be >= 0, got {context_len}")
     grid = token_grid(model, latent_thw)
     tokens, width = math.prod(grid), model.hidden_size
-    embedders = [model.t_embedder, *model.micro_embedders.values()]
+    embedders = [model.t_embedder, *model.micro_embedders.values(), *_pooled(model)]
     text_linears = [m for m in model.context_embedder if isinstance(m, nn.Linear)]
     parts = {
         "patch_embed": _conv(model.x_embedder, tuple(g * p for g, p in zip(grid, model.patch_size)))[0],
@@ -167,10 +167,16 @@ def dit_flops_breakdown(model: VideoDiT, latent_thw: Sequence[int], context_len:
     return parts
 
 
+def _pooled(model: VideoDiT) -> list[nn.Module]:
+    """The pooled-text embedder, when the model has one (it acts on one pooled vector per sample)."""
+    embedder = getattr(model, "pooled_embedder", None)
+    return [embedder] if embedder is not None else []
+
+
 def _dit_input_layers(model: VideoDiT, patch_embed: int, context_len: int) -> int:
     """Forward FLOPs of the first layer on each DiT input (latents, text tokens, sinusoidal features):
     the backward to their inputs is what autograd skips when those need no gradient."""
-    embedders = [model.t_embedder, *model.micro_embedders.values()]
+    embedders = [model.t_embedder, *model.micro_embedders.values(), *_pooled(model)]
     first_text = _linear(model.context_embedder[0], context_len)
     return patch_embed + first_text + sum(_linear(e.mlp[0], 1) for e in embedders)
 

@@ -20,6 +20,36 @@ def configure_torch(float32_matmul_precision: str = "high") -> None:
     torch.set_float32_matmul_precision(float32_matmul_precision)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated
+    and runs ~100x slower than fp32 (measured on an AVX2-only CPU: 0.7 vs 63 GFLOP/s)."""
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_precision(precision: Any, accelerator: Any) -> Any:
+    """``auto``: ``bf16-mixed`` on CUDA GPUs with bf16 and on CPUs with native bf16, else ``32-true``."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def apply_auto_precision(cfg: DictConfig) -> None:
+    """Replace ``trainer.precision=auto`` by what this machine runs fastest (see ``resolve_precision``)."""
+    trainer = cfg.get("trainer")
+    if trainer is None or trainer.get("precision") != "auto":
+        return
+    chosen = resolve_precision("auto", trainer.get("accelerator"))
+    trainer.precision = chosen
+    log.info("trainer.precision=auto: %s on this machine", chosen)
+
+
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain, fully resolved dict (no Hydra runtime node): what checkpoints store."""
     run_keys = [k for k in cfg if k != "hydra"]

@@ -135,3 +135,41 @@ def load_vae_export(path: str | Path, expected_hash: str | None = None) -> VAEEx
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     stats = LatentStats(**json.loads((path / "latent_stats.json").read_text()))
     return VAEExport(model.eval().requires_grad_(False), stats, actual, {"_target_": target, **config})
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` holds a complete export (every hashed file and ``export.json``)."""
+    return all((Path(path) / name).is_file() for name in (*HASHED_FILES, "export.json"))
+
+
+def resolve_vae_export(value: str | Path, log_dir: str | Path) -> tuple[Path, str]:
+    """Find the export that ``model.vae_export`` names; returns (export directory, how it was found).
+
+    ``value`` is an export directory, a stage-1 run directory holding ``vae_export/``, the name of a run
+    under ``log_dir/*/runs/`` (e.g. ``my_vae_run``), or ``latest``: the newest complete export under
+    ``log_dir`` (by the time its ``export.json`` was written).
+    """
+    log_dir = Path(log_dir)
+    if str(value) == "latest":
+        found = sorted(log_dir.glob("*/runs/*/vae_export/export.json"), key=lambda p: p.stat().st_mtime_ns)
+        complete = [p.parent for p in found if is_export(p.parent)]
+        if not complete:
+            raise ExportError(
+                f"model.vae_export=latest: no VAE export under {log_dir}/*/runs/; train stage 1 first "
+                "(python train.py stage=vae) or name an export directory"
+            )
+        return complete[-1].resolve(), f"the newest export under {log_dir}"
+    path = Path(str(value))
+    for candidate, how in ((path, "as given"), (path / "vae_export", "in the run directory")):
+        if is_export(candidate):
+            return candidate.resolve(), how
+    runs = sorted(log_dir.glob(f"*/runs/{value}/vae_export"))
+    complete = [p for p in runs if is_export(p)]
+    if len(complete) == 1:
+        return complete[0].resolve(), f"of run {value}"
+    if len(complete) > 1:
+        raise ExportError(f"model.vae_export={value}: several runs of that name hold exports: {complete}")
+    raise ExportError(
+        f"model.vae_export={value}: not an export directory, a run directory with vae_export/, or the name of "
+        f"a run under {log_dir}/*/runs/ with a complete export (or use latest)"
+    )

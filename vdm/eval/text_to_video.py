@@ -1,7 +1,7 @@
 """Stage-2 evaluation: sample held-out prompts from a checkpoint, score them, write metrics and a report.
 
 Used by ``evaluate.py`` for ``DiffusionModule`` checkpoints. Videos are generated with
-``vdm.evaluation.generate_videos`` (seeded, resumable), read back from their mp4s (so a resumed run
+``vdm.eval.generation.generate_videos`` (seeded, resumable), read back from their mp4s (so a resumed run
 scores exactly the files it keeps) and scored with CLIP (``metrics.clip_path``) and, given an I3D
 file (``metrics.i3d_path``) and real reference statistics (``metrics.reference_stats``), FVD.
 Every setting that changes the numbers is recorded in the protocol manifest of ``metrics.json``.
@@ -16,14 +16,10 @@ from typing import Any
 
 import torch
 
-from vdm.evaluation import (
-    GeneratedVideo,
-    generate_videos,
-    read_prompts,
-    read_video,
-    write_metrics,
-    write_report,
-)
+from vdm.eval.report import write_report
+from vdm.eval.attributes import attribute_protocol, score_videos, write_verdicts
+from vdm.eval.generation import GeneratedVideo, generate_videos, read_frames, read_video, write_metrics
+from vdm.eval.prompts import read_prompts
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, save_statistics
 from vdm.metrics.i3d import detector_hash, fvd_preprocess, load_i3d
@@ -150,6 +146,11 @@ def evaluate_generation(
 ) -> dict[str, float]:
     """Generate, score, and write ``videos/``, ``metrics.json`` and ``report.html`` into ``out_dir``."""
     gen, metrics_cfg = cfg.generation, cfg.metrics
+    if not gen.prompts_file:
+        raise ValueError(
+            "generation.prompts_file: no prompts to evaluate (the checkpoint's run names none); give a .txt "
+            "or .jsonl file"
+        )
     load_weights(module, checkpoint)
     prompts = read_prompts(gen.prompts_file)[: gen.max_prompts or None]
     records = generate_videos(
@@ -189,6 +190,14 @@ def evaluate_generation(
     }
     metrics: dict[str, float] = {}
     per_prompt: dict[str, float] | None = None
+    specs = [prompts[r.prompt_idx] for r in records]
+    verdicts: list[dict[str, Any] | None] = [None] * len(records)
+    if metrics_cfg.get("attributes", True):
+        scores, verdicts = score_videos([read_frames(r.path) for r in records], specs)
+        metrics.update(scores)
+        if scores:
+            manifest["attributes"] = attribute_protocol()
+            write_verdicts(out_dir / "attributes.jsonl", records, specs, verdicts)
     if metrics_cfg.clip_path:
         overall, per_prompt = clip_metrics(metrics_cfg.clip_path, records, len(prompts))
         metrics.update(overall)
@@ -213,7 +222,8 @@ def evaluate_generation(
     elif metrics_cfg.i3d_path or metrics_cfg.reference_stats:
         raise ValueError("metrics: FVD needs both metrics.i3d_path and metrics.reference_stats")
     write_metrics(out_dir, metrics, manifest)
-    write_report(out_dir, records, metrics, per_prompt, manifest)
+    write_report(out_dir, records, metrics, manifest, per_prompt_clip=per_prompt, verdicts=verdicts,
+                 groups=[s.group for s in specs])
     log.info(
         "stage-2 evaluation of %s: %s (videos, metrics.json, report.html in %s)", ckpt_path, metrics, out_dir
     )

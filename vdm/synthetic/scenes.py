@@ -10,6 +10,8 @@ Rendering is anti-aliased via signed distance fields (coverage = clip(0.5 - sdf,
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,41 @@ def motion_phrase(motion: str, speed: str | None) -> str:
     if motion in DIRECTIONS:
         return f"moving {motion} {speed}"
     return "standing still" if motion == "still" else motion
+
+
+def _caption_pattern() -> re.Pattern[str]:
+    """The caption grammar: one or two object phrases (groups 1-6, 7-12), then the background (13)."""
+
+    def alt(words: Iterable[str]) -> str:
+        return "|".join(re.escape(w) for w in words)
+
+    obj = (rf"(an?) ({alt(COLORS)}) ({alt(SHAPES)}) "
+           rf"(moving ({alt(DIRECTIONS)}) ({alt(SPEEDS)})|standing still|growing|shrinking)")
+    return re.compile(rf"{obj}(?: and {obj})? on a ({alt(BACKGROUNDS)}) background")
+
+
+_CAPTION_RE = _caption_pattern()
+
+
+def parse_caption(caption: str) -> dict[str, Any]:
+    """Invert ``Scene.caption()``: {"background", "num_objects", "objects": [{shape, color, motion, speed}]}.
+
+    Surrounding whitespace is ignored; anything else outside the corpus grammar (unknown words, a
+    wrong article, a third object) raises ValueError naming the caption.
+    """
+    m = _CAPTION_RE.fullmatch(caption.strip())
+    if m is None:
+        raise ValueError(f"caption {caption!r} does not follow the synthetic corpus grammar")
+    groups = m.groups()
+    objects = []
+    for article, color, shape, phrase, direction, speed in (groups[0:6], groups[6:12]):
+        if color is None:
+            continue
+        if article != ("an" if color[0] in "aeiou" else "a"):
+            raise ValueError(f"caption {caption!r}: wrong article {article!r} before {color!r}")
+        motion = direction or ("still" if phrase == "standing still" else phrase)
+        objects.append({"shape": shape, "color": color, "motion": motion, "speed": speed})
+    return {"background": groups[12], "num_objects": len(objects), "objects": objects}
 
 
 def is_heldout(shape: str, color: str, motion: str) -> bool:
@@ -277,3 +314,36 @@ def _heldout_candidate(rng: np.random.Generator, kind: str, pair: tuple[str, str
 def _heldout_flags(obj: dict[str, Any]) -> tuple[bool, bool]:
     return ((obj["shape"], obj["color"]) in HELDOUT_SHAPE_COLOR,
             (obj["color"], obj["motion"]) in HELDOUT_COLOR_MOTION)
+
+
+def seen_prompts(seed: int, count: int, first_seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` distinct single-object prompts whose attribute pairs all occur in training scenes.
+
+    Shape, colour, motion, speed and background are drawn uniformly (not with the training motion
+    weights), so every attribute value is scored about equally often. Video seeds start at ``first_seed``.
+    """
+    rng = np.random.default_rng([seed, 104729])
+    prompts: list[dict[str, Any]] = []
+    texts: set[str] = set()
+    for _ in range(1000 * max(count, 1)):  # bounded: the grammar has far more distinct prompts than asked
+        if len(prompts) == count:
+            break
+        shape, color = SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]
+        motion, background = MOTIONS[rng.integers(len(MOTIONS))], BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+        speed = list(SPEEDS)[rng.integers(len(SPEEDS))] if motion in DIRECTIONS else None
+        text = f"{object_phrase(shape, color, motion, speed)} on a {background} background"
+        if not allowed(shape, color, motion, background) or text in texts:
+            continue
+        texts.add(text)
+        obj = {"shape": shape, "color": color, "motion": motion, "speed": speed}
+        attrs = {"background": background, "num_objects": 1, "objects": [obj]}
+        prompts.append({"prompt": text, "seed": first_seed + len(prompts), "attributes": attrs})
+    return prompts
+
+
+def evaluation_prompts(seed: int, per_pair: int = 4) -> list[dict[str, Any]]:
+    """The held-out prompts (group ``heldout``) followed by as many seen-combination prompts (``seen``),
+    each with its own video seed: what the attribute evaluation scores, split by group."""
+    heldout = [{**p, "group": "heldout"} for p in heldout_prompts(seed, per_pair)]
+    seen = [{**p, "group": "seen"} for p in seen_prompts(seed, len(heldout), first_seed=len(heldout))]
+    return heldout + seen

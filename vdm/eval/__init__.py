@@ -1,0 +1,1 @@
+"""Held-out evaluation: prompts, seeded generation, scoring and the report."""
