@@ -125,3 +125,18 @@ def test_crop_windows() -> None:
         rng=np.random.default_rng(3),
     )
     assert torch.equal(a, b)
+
+
+def test_crop_without_resize_keeps_the_source_resolution() -> None:
+    from vdm.data.clips import crop_window, resize_crop_uint8
+
+    assert crop_window(64, 48, 32, 32, resize=False) == (16, 8, 32, 32)
+    assert crop_window(64, 48, 32, 32) == (8, 0, 48, 48)  # resized: the window covers the shorter side
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        top, left, h, w = crop_window(64, 48, 32, 32, crop="random", rng=rng, resize=False)
+        assert (h, w) == (32, 32) and 0 <= top <= 32 and 0 <= left <= 16
+    assert crop_window(16, 16, 32, 32, resize=False) == (0, 0, 16, 16)  # smaller source: scaled up
+    frames = np.random.default_rng(1).integers(0, 256, (3, 64, 48, 3), dtype=np.uint8)
+    out = resize_crop_uint8(frames, 32, 32, resize=False)
+    assert torch.equal(out, torch.from_numpy(frames[:, 16:48, 8:40]).permute(0, 3, 1, 2))

@@ -50,6 +50,8 @@ class ClipSpec:
     short_policy: ShortPolicy = "skip"
     image_mode: Literal["repeat", "single"] = "repeat"
     crop: StartMode = "center"
+    # False: crop at the source resolution (scaled up only when the source is smaller than the crop)
+    resize: bool = True
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -198,9 +200,14 @@ def crop_window(
     *,
     crop: StartMode = "center",
     rng: np.random.Generator | None = None,
+    resize: bool = True,
 ) -> tuple[int, int, int, int]:
-    """(top, left, crop_h, crop_w) of the source window that a shorter-side resize + crop keeps."""
+    """(top, left, crop_h, crop_w) of the source window that a shorter-side resize + crop keeps; without
+    ``resize`` the window is the crop itself at the source resolution (e.g. VAE training on patches), unless
+    the source is smaller than the crop."""
     scale = max(out_height / height, out_width / width)
+    if not resize:
+        scale = max(scale, 1.0)
     crop_h = min(height, max(1, round(out_height / scale)))
     crop_w = min(width, max(1, round(out_width / scale)))
     if crop == "center":
@@ -219,17 +226,18 @@ def resize_crop_uint8(
     *,
     crop: StartMode = "center",
     rng: np.random.Generator | None = None,
+    resize: bool = True,
 ) -> torch.Tensor:
     """(T, h, w, 3) uint8 RGB frames -> (T, 3, height, width) uint8 (channels-last strides, may be a view).
 
     Shorter side resized to cover (height, width), then cropped (centre or random). Bilinear, with
-    antialias when downscaling.
+    antialias when downscaling. Without ``resize``: cropped at the source resolution.
     """
     x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")
     h, w = x.shape[1], x.shape[2]
-    top, left, crop_h, crop_w = crop_window(h, w, height, width, crop=crop, rng=rng)
+    top, left, crop_h, crop_w = crop_window(h, w, height, width, crop=crop, rng=rng, resize=resize)
     x = x[:, top : top + crop_h, left : left + crop_w].permute(0, 3, 1, 2)  # T 3 h w
     if (crop_h, crop_w) != (height, width):
         downscale = crop_h > height or crop_w > width

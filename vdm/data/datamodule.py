@@ -79,6 +79,8 @@ class VideoDataModule(L.LightningDataModule):
     ``root`` (a corpus directory) fills in ``{root}/train-*.tar``, ``{root}/val-*.tar`` and
     ``{root}/manifest.json`` when those are not given. Loader workers (``persistent_workers``,
     ``prefetch_factor``) apply when ``num_workers > 0``; ``pin_memory="auto"`` pins when CUDA is available.
+    Clips are resized (shorter side) to cover (``height``, ``width``) and cropped (``crop``: random or
+    center); ``resize=False`` crops at the source resolution. Validation always uses centred clips and crops.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class VideoDataModule(L.LightningDataModule):
         short_policy: Literal["skip", "pad", "loop"] = "skip",
         start: Literal["random", "center"] = "random",
         crop: Literal["random", "center"] = "center",
+        resize: bool = True,
         image_mode: Literal["repeat", "single"] = "repeat",
         backend: Literal["decord", "pyav"] = "decord",
         max_skip_rate: float = 0.05,
@@ -143,6 +146,7 @@ class VideoDataModule(L.LightningDataModule):
             short_policy=short_policy,
             image_mode=image_mode,
             crop=crop,
+            resize=resize,
         )
         self.train_shards, self.val_shards, self.manifest = train_shards, val_shards, manifest
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size

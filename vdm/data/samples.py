@@ -166,7 +166,8 @@ def decode_clip(
         frames = media.read(indices)
     finally:
         media.close()
-    clip_frames = resize_crop_uint8(frames, bucket.height, bucket.width, crop=spec.crop, rng=rng)
+    clip_frames = resize_crop_uint8(frames, bucket.height, bucket.width, crop=spec.crop, rng=rng,
+                                    resize=spec.resize)
     if info.kind == "image":
         count = num_clip_frames("image", spec, bucket.num_frames)
         clip_frames = clip_frames.expand(count, -1, -1, -1)

@@ -53,11 +53,11 @@ def score_videos(
     scored = [v for v in verdicts if v is not None]
     if not scored:
         return {}, [None] * len(verdicts)
-    metrics = dict(summarize(scored))
+    metrics = _finite(summarize(scored))
     for group in sorted({s.group for s in specs if s.group}):
         members = [v for v, s in zip(verdicts, specs) if v is not None and s.group == group]
         if members:
-            metrics.update({k.replace("attr/", f"attr_{group}/", 1): x for k, x in summarize(members).items()})
+            metrics.update({k.replace("attr/", f"attr_{group}/", 1): x for k, x in _finite(summarize(members)).items()})
     return metrics, [None if v is None else v.to_dict() for v in verdicts]
 
 
@@ -73,6 +73,11 @@ def write_verdicts(path: str | Path, videos: Sequence[Any], specs: Sequence[Prom
             lines.append(json.dumps(row, sort_keys=True) + "\n")
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+def _finite(scores: dict[str, float]) -> dict[str, float]:
+    """Drop rates with nothing to count (NaN, e.g. speed when no prompt asks for a direction)."""
+    return {k: v for k, v in scores.items() if v == v}
 
 
 def attribute_protocol() -> dict[str, Any]:

@@ -83,12 +83,7 @@ def sample_grid(eval_dir: str | Path, out: str | Path, group: str | None = "held
                 va="top", color="#1a7f37" if row.get("all_correct") else "#cf222e")
     fig.suptitle("first / middle / last frame of each video" + (f" ({group} prompts)" if group else ""),
                  fontsize=9, x=0.01, ha="left")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def accuracy_curve(history: str | Path, out: str | Path, group: str | None = "heldout") -> Path:
@@ -120,6 +115,13 @@ def accuracy_curve(history: str | Path, out: str | Path, group: str | None = "he
         per_step = minutes[-1] / steps[-1]
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda m: m / per_step))
         top.set_xlabel("training minutes (stage 2)")
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: str | Path) -> Path:
+    """Lay out, write as PNG (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
