@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train import setup_run
-from vdm.utils.checkpoints import LoadedCheckpoint, load_checkpoint
+from vdm.utils.checkpoints import load_checkpoint
 from vdm.utils.config_check import ConfigError, validate_config
 
 log = logging.getLogger("vdm.evaluate")
@@ -24,8 +24,8 @@ log = logging.getLogger("vdm.evaluate")
 
 #: what a checkpoint's stored run config decides: the stage (module, optimizer), the model with its VAE export
 #: and text encoder, the data and where the evaluation prompts live
-RUN_KEYS = ("model", "module", "optimizer", "data", "synthetic", "synthetic_text_encoder", "latents", "corpus",
-            "heldout_prompts_file", "eval_prompts_file")
+RUN_KEYS = ("model", "module", "optimizer", "data", "synthetic", "synthetic_text_encoder", "latents",
+            "corpus", "heldout_prompts_file", "eval_prompts_file")
 
 
 def command_line_overrides() -> list[str]:

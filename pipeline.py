@@ -87,7 +87,8 @@ def headline(metrics: dict[str, Any]) -> str:
         cells = [metrics.get(f"{p}/{key}") for p, _ in columns]
         if all(c is None for c in cells):
             continue
-        lines.append("  " + f"{label:>13}" + "".join("            -" if c is None else f"{c:>13.1%}" for c in cells))
+        row = "".join(f"{'-':>13}" if c is None else f"{c:>13.1%}" for c in cells)
+        lines.append(f"  {label:>13}{row}")
     return "\n".join(lines)
 
 
@@ -96,7 +97,8 @@ def summary(run_dir: Path, seconds: dict[str, float]) -> str:
     result = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     metrics, protocol = result["metrics"], result.get("protocol", {})
     videos = protocol.get("num_videos", "?")
-    ran = ", ".join(f"{s} {t / 60:.1f} min" for s, t in seconds.items() if t > 0) or "nothing (all stages done)"
+    ran = ", ".join(f"{s} {t / 60:.1f} min" for s, t in seconds.items() if t > 0)
+    ran = ran or "nothing (all stages done)"
     other = {k: v for k, v in metrics.items() if not k.startswith("attr")}
     lines = [
         f"report: {run_dir / 'evaluate' / 'report.html'}",

@@ -38,8 +38,9 @@ def prepare_corpus(cfg: DictConfig) -> None:
         from data_prep.precompute_latents import ensure_latent_corpus
 
         encoder = hydra.utils.instantiate(cfg.model.text_encoder) if cfg.model.get("text_encoder") else None
-        ensure_latent_corpus(latents.root, latents.from_corpus, cfg.model.vae_export, num_frames=cfg.data.num_frames,
-                             height=cfg.data.height, width=cfg.data.width, text_encoder=encoder)
+        ensure_latent_corpus(latents.root, latents.from_corpus, cfg.model.vae_export,
+                             num_frames=cfg.data.num_frames, height=cfg.data.height, width=cfg.data.width,
+                             text_encoder=encoder)
 
 
 def resolve_run_inputs(cfg: DictConfig) -> None:
@@ -48,12 +49,14 @@ def resolve_run_inputs(cfg: DictConfig) -> None:
     ``model.vae_export`` given as ``latest`` or a run name."""
     apply_auto_precision(cfg)
     synthetic = cfg.get("synthetic")
-    for key, name in (("heldout_prompts_file", "prompts_heldout.txt"), ("eval_prompts_file", "prompts_eval.jsonl")):
+    for key, name in (("heldout_prompts_file", "prompts_heldout.txt"),
+                      ("eval_prompts_file", "prompts_eval.jsonl")):
         if key in cfg and cfg[key] is None and synthetic is not None:
             cfg[key] = str(Path(synthetic.root) / name)
-    export = cfg.get("model", {}).get("vae_export")
-    if export is None or OmegaConf.is_missing(cfg.model, "vae_export"):
+    model = cfg.get("model")
+    if model is None or "vae_export" not in model or OmegaConf.is_missing(model, "vae_export"):
         return
+    export = model.vae_export
     from vdm.utils.config_rules import ConfigError
     from vdm.utils.vae_export import ExportError, resolve_vae_export
 

@@ -78,7 +78,8 @@ def test_hook_counts_equal_the_evaluation_scores(prompts: list[PromptSpec]) -> N
     assert logged == counts.metrics(counts.tensor())
     for key, value in logged.items():
         name = key.removeprefix("val/attr_")
-        group, _, attribute = name.rpartition("_") if name.split("_")[0] in ("heldout", "seen") else ("", "", name)
+        grouped = name.split("_")[0] in ("heldout", "seen")
+        group, _, attribute = name.rpartition("_") if grouped else ("", "", name)
         assert metrics[f"attr{'_' + group if group else ''}/{attribute}"] == pytest.approx(value), key
 
 
@@ -101,8 +102,9 @@ def test_verdicts_file_and_figures(prompts: list[PromptSpec], tmp_path: Path) ->
     assert {"prompt", "group", "seed", "matches", "all_correct", "detected", "expected"} <= set(rows[0])
     grid = sample_grid(tmp_path, tmp_path / "grid.png", group="heldout", limit=4)
     history = tmp_path / "history.jsonl"
-    history.write_text("".join(json.dumps({"step": s, "train_seconds": 10.0 * s, "val/attr_heldout_all": s / 40,
-                                           "val/attr_heldout_color": s / 20}) + "\n" for s in (5, 10, 20)))
+    rows = [{"step": s, "train_seconds": 10.0 * s, "val/attr_heldout_all": s / 40,
+             "val/attr_heldout_color": s / 20} for s in (5, 10, 20)]
+    history.write_text("".join(json.dumps(row) + "\n" for row in rows))
     curve = accuracy_curve(history, tmp_path / "curve.png")
     for png in (grid, curve):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

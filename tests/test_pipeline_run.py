@@ -1,6 +1,6 @@
-"""``python pipeline.py``: a tiny text-to-video pipeline (stage 1, stage 2 on its export, evaluation) end to end,
-then the same command killed with SIGKILL in each stage and rerun: the final scores, videos and weights equal
-those of the uninterrupted run, and finished stages are not run again."""
+"""``python pipeline.py``: a tiny text-to-video pipeline (stage 1, stage 2 on its export, evaluation) end
+to end, then the same command killed with SIGKILL in each stage and rerun: the final scores, videos and
+weights equal those of the uninterrupted run, and finished stages are not run again."""
 
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ def test_pipeline_runs_both_stages_and_scores_heldout_prompts(reference: tuple[P
     # from the config stored in it
     env = {**os.environ, "VDM_ROOT": str(root), "WANDB_MODE": "disabled"}
     alone = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={out / 'diffusion' / 'checkpoints' / 'last.ckpt'}",
-         "generation.max_prompts=4", "generation.num_steps=2", f"hydra.run.dir={root / 'alone'}"],
+        [sys.executable, str(ROOT / "evaluate.py"),
+         f"ckpt_path={out / 'diffusion' / 'checkpoints' / 'last.ckpt'}", "generation.max_prompts=4",
+         "generation.num_steps=2", f"hydra.run.dir={root / 'alone'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert alone.returncode == 0, alone.stderr[-3000:]

@@ -57,7 +57,8 @@ def score_videos(
     for group in sorted({s.group for s in specs if s.group}):
         members = [v for v, s in zip(verdicts, specs) if v is not None and s.group == group]
         if members:
-            metrics.update({k.replace("attr/", f"attr_{group}/", 1): x for k, x in _finite(summarize(members)).items()})
+            scores = _finite(summarize(members))
+            metrics.update({k.replace("attr/", f"attr_{group}/", 1): x for k, x in scores.items()})
     return metrics, [None if v is None else v.to_dict() for v in verdicts]
 
 
@@ -68,8 +69,8 @@ def write_verdicts(path: str | Path, videos: Sequence[Any], specs: Sequence[Prom
     lines = []
     for video, spec, verdict in zip(videos, specs, verdicts, strict=True):
         if verdict is not None:
-            row = {"video": Path(video.path).name, "prompt": spec.prompt, "group": spec.group, "seed": video.seed,
-                   **verdict}
+            row = {"video": Path(video.path).name, "prompt": spec.prompt, "group": spec.group,
+                   "seed": video.seed, **verdict}
             lines.append(json.dumps(row, sort_keys=True) + "\n")
     path.write_text("".join(lines), encoding="utf-8")
     return path
@@ -87,7 +88,8 @@ def attribute_protocol() -> dict[str, Any]:
 
 class AttributeCounts:
     """Correct / scored counts per attribute, overall and per prompt group, as one float64 tensor that ranks
-    can sum; ``metrics`` turns the (summed) counts into ``val/attr_<name>`` and ``val/attr_<group>_<name>``."""
+    can sum; ``metrics`` turns the (summed) counts into ``val/attr_<name>`` and
+    ``val/attr_<group>_<name>``."""
 
     def __init__(self, groups: Sequence[str]) -> None:
         self.scopes = ["", *groups]

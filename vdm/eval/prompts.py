@@ -43,7 +43,8 @@ def _jsonl_prompt(path: Path, lineno: int, line: str) -> PromptSpec:
         raise ValueError(f"{path}:{lineno}: seed must be an integer, got {seed!r}")
     attributes, group = row.get("attributes"), row.get("group")
     if attributes is not None and not isinstance(attributes, dict):
-        raise ValueError(f"{path}:{lineno}: attributes must be a JSON object, got {type(attributes).__name__}")
+        kind = type(attributes).__name__
+        raise ValueError(f"{path}:{lineno}: attributes must be a JSON object, got {kind}")
     if group is not None and not isinstance(group, str):
         raise ValueError(f"{path}:{lineno}: group must be a string, got {group!r}")
     return PromptSpec(row[field].strip(), seed, attributes, group)

@@ -248,7 +248,8 @@ def _toolbar(verdicts: Sequence[dict[str, Any] | None], groups: Sequence[str | N
     }
     scored = any(v is not None for v in verdicts)
     labels = {"all": "all", "mismatches": "mismatches", "heldout": "held-out", "seen": "seen"}
-    offered = {"all": True, "mismatches": scored, "heldout": counts["heldout"] > 0, "seen": counts["seen"] > 0}
+    offered = {"all": True, "mismatches": scored, "heldout": counts["heldout"] > 0,
+               "seen": counts["seen"] > 0}
     links = "".join(
         f'<a href="#{name}" data-filter="{name}">{labels[name]} ({n})</a>'
         for name, n in counts.items()

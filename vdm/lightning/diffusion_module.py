@@ -102,7 +102,9 @@ class DiffusionModule(L.LightningModule):
         self.t_band_edges = torch.linspace(0.0, 1.0, val_t_bands + 1, dtype=torch.float64)
         edges = self.t_band_edges.tolist()
         self.t_band_names = [f"loss_band{i}" for i in range(val_t_bands)]  # module keys cannot hold dots
-        self.val_log_names = {f"loss_band{i}": f"loss_t{lo:.2f}-{hi:.2f}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))}
+        self.val_log_names = {
+            f"loss_band{i}": f"loss_t{lo:.2f}-{hi:.2f}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))
+        }
         names = ("loss", "loss_ema", *self.t_band_names)
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in names})
         self._batch_keys: list[str] | None = None

@@ -57,7 +57,8 @@ class SampledMetrics(L.Callback):
         if min(every_n_steps, videos_per_prompt, batch_size, num_steps) < 1:
             raise ValueError("every_n_steps, videos_per_prompt, batch_size and num_steps must be >= 1")
         self.specs, self.prompts = specs, [spec.prompt for spec in specs]
-        self.every_n_steps, self.videos_per_prompt, self.batch_size = every_n_steps, videos_per_prompt, batch_size
+        self.every_n_steps, self.videos_per_prompt = every_n_steps, videos_per_prompt
+        self.batch_size = batch_size
         self.shape = (num_frames, height, width)
         self.num_steps, self.guidance_scale, self.seed = num_steps, guidance_scale, seed
         self.last_metrics: dict[str, float] = {}
@@ -231,14 +232,14 @@ class AttributeMetrics(SampledMetrics):
     ``every_n_steps`` is 0.
     """
 
-    def __init__(self, every_n_steps: int = 500, prompts_file: str | None = None, num_prompts: int | None = None,
-                 videos_per_prompt: int = 1, batch_size: int = 8, num_frames: int = 9, height: int = 64,
-                 width: int = 64, num_steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
-                 history_file: str | None = None) -> None:
+    def __init__(self, every_n_steps: int = 500, prompts_file: str | None = None,
+                 num_prompts: int | None = None, videos_per_prompt: int = 1, batch_size: int = 8,
+                 num_frames: int = 9, height: int = 64, width: int = 64, num_steps: int = 25,
+                 guidance_scale: float = 4.0, seed: int = 0, history_file: str | None = None) -> None:
         on = bool(prompts_file) and every_n_steps > 0
         specs = read_prompts(prompts_file)[: num_prompts or None] if on else []
-        super().__init__(max(every_n_steps, 1), specs, videos_per_prompt, batch_size, num_frames, height, width,
-                         num_steps, guidance_scale, seed)
+        super().__init__(max(every_n_steps, 1), specs, videos_per_prompt, batch_size, num_frames, height,
+                         width, num_steps, guidance_scale, seed)
         self.history_file = history_file
         self._train_seconds = 0.0
         self._since: float | None = None

@@ -126,7 +126,8 @@ class PooledTextEmbedder(nn.Module):
             weights = context.new_ones(context.shape[:2], dtype=torch.float32)
         else:
             weights = context_mask.float()
-        pooled = (context.float() * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        count = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        pooled = (context.float() * weights[..., None]).sum(dim=1) / count
         return self.mlp(pooled)
 
 

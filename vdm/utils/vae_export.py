@@ -170,6 +170,6 @@ def resolve_vae_export(value: str | Path, log_dir: str | Path) -> tuple[Path, st
     if len(complete) > 1:
         raise ExportError(f"model.vae_export={value}: several runs of that name hold exports: {complete}")
     raise ExportError(
-        f"model.vae_export={value}: not an export directory, a run directory with vae_export/, or the name of "
-        f"a run under {log_dir}/*/runs/ with a complete export (or use latest)"
+        f"model.vae_export={value}: not an export directory, a run directory with vae_export/, or the name "
+        f"of a run under {log_dir}/*/runs/ with a complete export (or use latest)"
     )
