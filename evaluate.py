@@ -28,6 +28,10 @@ RUN_KEYS = ("model", "module", "optimizer", "data", "synthetic", "synthetic_text
             "corpus", "heldout_prompts_file", "eval_prompts_file")
 
 
+#: model keys that locate files rather than shape the weights: a command line may move them
+MOVABLE = ("vae_export", "path")
+
+
 def command_line_overrides() -> list[str]:
     """The ``key=value`` overrides this run was started with (none outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -39,7 +43,8 @@ def command_line_overrides() -> list[str]:
 
 def use_checkpoint_config(cfg: DictConfig, stored: dict, overrides: list[str], ckpt: Path) -> None:
     """Evaluate the stage, model and data the checkpoint was trained with (its stored, resolved config), so
-    ``ckpt_path`` alone is enough; command-line overrides of those keys (``data.batch_size=8``) still win."""
+    ``ckpt_path`` alone is enough. Command-line overrides of those keys (``data.batch_size=8``) still win,
+    except for the model's architecture, which the weights fix (its file locations may move)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     with open_dict(cfg):
@@ -54,8 +59,9 @@ def use_checkpoint_config(cfg: DictConfig, stored: dict, overrides: list[str], c
             key = override.key_or_group
             if key.split(".")[0] not in RUN_KEYS:
                 continue
-            if "." not in key:
-                log.warning("ignoring %s: the checkpoint's config decides %s", override.input_line, key)
+            architecture = key.startswith("model.") and key.rsplit(".", 1)[-1] not in MOVABLE
+            if "." not in key or architecture:
+                log.warning("ignoring %s: the checkpoint decides %s", override.input_line, key)
                 continue
             OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
     log.info("stage, model and data from the config stored in %s", ckpt)

@@ -30,7 +30,9 @@ TINY_TC4 = dict(
 TINY_PATCH = {**TINY_TC4, "patch_size": 2}
 TINY_SHORTCUT = {**TINY_PATCH, "shortcuts": True}
 TINY_NORM_FREE = {**TINY_SHORTCUT, "norm": "none"}
-CHUNK_ATOL = 1e-5
+# float32 round-off of the chunked pass against the full one: the posterior log-variance (|x| ~ 8) differs
+# by ~1e-5 with AVX2 kernels (AVX-512 ones stay below that)
+CHUNK_ATOL = 2e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
