@@ -53,7 +53,8 @@ def mismatch_text(row: dict[str, Any]) -> str:
         else:
             key = {"color": "color", "shape": "shape", "motion": "motion", "speed": "speed"}[name]
             asked = ",".join(str(o.get(key)) for o in expected.get("objects", []))
-            seen = ",".join(str(o.get(key)) for o in detected.get("objects", [])) or "none"
+            found = [str(o.get(key)) for o in detected.get("objects", [])]
+            seen = ",".join(found[:3]) + (f",+{len(found) - 3}" if len(found) > 3 else "") or "none"
             parts.append(f"{name}: {asked} -> {seen}")
     return "; ".join(parts) or "not all right"
 

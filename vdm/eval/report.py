@@ -34,6 +34,8 @@ METRIC_LABELS = {"clip_score": "CLIP score", "clipsim": "CLIP similarity", "fvd"
 GROUP_LABELS = {"heldout": "held-out", "seen": "seen"}
 SUMMARY_KEYS = (("checkpoint", "checkpoint"), ("global_step", "step"), ("sampler", "sampler"),
                 ("num_steps", "steps"), ("guidance_scale", "guidance"), ("num_videos", "videos"))
+#: objects and notes shown per tile before the rest is summarised (noisy videos detect many blobs)
+MAX_LISTED = 3
 #: tile width in CSS pixels: 64 px videos at an integer 3x, so nearest-neighbour pixels stay square
 TILE_VIDEO_PX = 192
 
@@ -55,6 +57,7 @@ h2 { font-size: 15px; margin: 0 0 8px; text-transform: uppercase; letter-spacing
 .card th:first-child, .card td:first-child { text-align: left; }
 .card thead th { font-size: 12px; color: #57606a; font-weight: 600; border-bottom: 1px solid var(--line); }
 .card tr.total td { border-top: 1px solid var(--line); font-weight: 700; }
+.card tr.count td { color: var(--muted); font-size: 12px; }
 td.pct { min-width: 110px; font-variant-numeric: tabular-nums;
          background: linear-gradient(90deg, #ddf4ff var(--p), transparent var(--p)); }
 .toolbar { display: flex; flex-wrap: wrap; align-items: center; gap: 8px; margin: 0 0 12px; }
@@ -135,7 +138,7 @@ def _format_metric(value: Any) -> str:
 
 def _attribute_table(metrics: dict[str, Any]) -> tuple[str, set[str]]:
     """(headline accuracy card or "", the metrics keys it shows)."""
-    known = {a for a, _ in ATTRIBUTE_ROWS} | {"all"}
+    known = {a for a, _ in ATTRIBUTE_ROWS} | {"all", "num_videos"}
     found = {k.split("/", 1)[1] for k in metrics for p, _ in ATTRIBUTE_COLUMNS if k.startswith(p + "/")}
     rows = [*ATTRIBUTE_ROWS, *((a, a) for a in sorted(found - known)), ("all", "all correct")]
     columns = [(p, label) for p, label in ATTRIBUTE_COLUMNS if any(f"{p}/{a}" in metrics for a, _ in rows)]
@@ -156,6 +159,12 @@ def _attribute_table(metrics: dict[str, Any]) -> tuple[str, set[str]]:
         if any(f"{p}/{attr}" in used for p, _ in columns):
             total = ' class="total"' if attr == "all" else ""
             body.append(f"<tr{total}><td>{_esc(label)}</td>{''.join(cells)}</tr>")
+    counts = [metrics.get(f"{prefix}/num_videos") for prefix, _ in columns]
+    if any(isinstance(c, (int, float)) for c in counts):
+        used |= {f"{prefix}/num_videos" for prefix, _ in columns}
+        cells = "".join(f'<td class="pct">{int(c) if isinstance(c, (int, float)) else "&ndash;"}</td>'
+                        for c in counts)
+        body.append(f'<tr class="count"><td>videos scored</td>{cells}</tr>')
     head = "".join(f"<th>{_esc(label)}</th>" for _, label in columns)
     table = f"<table><thead><tr><th>attribute</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     return f'<section class="card"><h2>Attribute accuracy</h2>{table}</section>', used
@@ -194,7 +203,10 @@ def _side(side: dict[str, Any], attr: str) -> str:
         return _label(side.get("background"))
     if attr == "count":
         return _label(side.get("num_objects", len(objects)))
-    return ", ".join(_label(o.get(attr)) for o in objects) or "\u2013"
+    values = [_label(o.get(attr)) for o in objects]
+    if len(values) > MAX_LISTED:  # a noisy video can hold a dozen blobs: name a few, count the rest
+        values = [*values[:MAX_LISTED], f"+{len(values) - MAX_LISTED} more"]
+    return ", ".join(values) or "\u2013"
 
 
 def _verdict_html(verdict: dict[str, Any] | None) -> str:
@@ -212,7 +224,12 @@ def _verdict_html(verdict: dict[str, Any] | None) -> str:
             f'<td>{_esc(_side(expected, attr))}</td><td class="got">{_esc(_side(detected, attr))}</td></tr>'
         )
     head = "<tr><th></th><th></th><th>asked</th><th>detected</th></tr>"
-    notes = "".join(f"<li>{_esc(n)}</li>" for n in verdict.get("notes") or [])
+    all_notes = list(verdict.get("notes") or [])
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in all_notes[:MAX_LISTED])
+    if len(all_notes) > MAX_LISTED:
+        more = "".join(f"<li>{_esc(n)}</li>" for n in all_notes[MAX_LISTED:])
+        notes += (f'<li><details><summary>{len(all_notes) - MAX_LISTED} more notes</summary>'
+                  f'<ul class="notes">{more}</ul></details></li>')
     notes_html = f'<ul class="notes">{notes}</ul>' if notes else ""
     return f'<table class="verdict"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>{notes_html}'
 
