@@ -20,6 +20,7 @@ import numpy as np
 
 from vdm.eval.generation import read_frames
 
+GROUP_NAMES = {"heldout": "held-out", "seen": "seen"}
 CURVE_KEYS = (("color", "colour"), ("shape", "shape"), ("motion", "motion"), ("background", "background"),
               ("all", "all correct"))
 
@@ -82,8 +83,8 @@ def sample_grid(eval_dir: str | Path, out: str | Path, group: str | None = "held
         ax.set_title("\n".join(textwrap.wrap(row["prompt"], 46)), fontsize=8, loc="left")
         ax.text(0.0, -0.06, "\n".join(textwrap.wrap(verdict, 52)), transform=ax.transAxes, fontsize=7,
                 va="top", color="#1a7f37" if row.get("all_correct") else "#cf222e")
-    fig.suptitle("first / middle / last frame of each video" + (f" ({group} prompts)" if group else ""),
-                 fontsize=9, x=0.01, ha="left")
+    which = f" ({GROUP_NAMES.get(group, group)} prompts)" if group else ""
+    fig.suptitle("first / middle / last frame of each video" + which, fontsize=9, x=0.01, ha="left")
     return _save(fig, out)
 
 
@@ -107,7 +108,7 @@ def accuracy_curve(history: str | Path, out: str | Path, group: str | None = "he
             ax.plot(steps, [np.nan if v is None else v for v in values], marker="o", ms=3, label=label,
                     lw=2.2 if key == "all" else 1.4)
     ax.set_xlabel("training step")
-    ax.set_ylabel("accuracy" + (f" ({group} prompts)" if group else ""))
+    ax.set_ylabel("accuracy" + (f" ({GROUP_NAMES.get(group, group)} prompts)" if group else ""), fontsize=9)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
