@@ -1,0 +1,69 @@
+"""How much of the attribute scores a VAE leaves room for: the evaluator on a corpus's videos and on their
+reconstructions through a stage-1 export.
+
+    python -m vdm.eval.vae_ceiling CORPUS VAE_EXPORT [--split val] [--limit 64]
+
+A stage-2 model generates in the VAE's latent space, so an attribute the VAE's reconstructions lose (e.g. a
+shape blurred into a blob) cannot be scored right on generated videos either: the reconstruction accuracy is
+the ceiling. Videos are decoded with PyAV, encoded to the posterior mean and decoded, whole (every frame,
+full resolution), then quantized to 8 bits as a written video would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vdm.metrics.attributes import decode_mp4, evaluate_video, iter_corpus, summarize
+from vdm.utils.vae_export import load_vae_export
+
+
+@torch.no_grad()
+def reconstruct(vae: torch.nn.Module, frames: Any) -> Any:
+    """(T, H, W, 3) uint8 -> the VAE's reconstruction from the posterior mean, (T, H, W, 3) uint8."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # 1 3 T H W
+    x_hat = vae(x, sample_posterior=False)[0].clamp(-1, 1)
+    return ((x_hat[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
+def vae_ceiling(corpus: str | Path, export: str | Path, split: str = "val", limit: int | None = 64
+                ) -> dict[str, dict[str, float]]:
+    """``{"videos": summary, "reconstructions": summary}`` of the attribute evaluator (``attr/*`` keys) on
+    the first ``limit`` videos of ``split`` and on their reconstructions through ``export``."""
+    vae = load_vae_export(export).model.eval()
+    raw, rebuilt = [], []
+    for index, (_, data, expected) in enumerate(iter_corpus(Path(corpus), split)):
+        if limit is not None and index >= limit:
+            break
+        frames = decode_mp4(data)
+        raw.append(evaluate_video(frames, expected))
+        rebuilt.append(evaluate_video(reconstruct(vae, frames), expected))
+    if not raw:
+        raise ValueError(f"{corpus}: no {split} videos")
+    return {"videos": summarize(raw), "reconstructions": summarize(rebuilt)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: prints both summaries side by side (and writes them with ``--json``)."""
+    p = argparse.ArgumentParser(prog="python -m vdm.eval.vae_ceiling", description=__doc__.split("\n\n")[0])
+    p.add_argument("corpus", type=Path)
+    p.add_argument("vae_export", type=Path)
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=64)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    result = vae_ceiling(args.corpus, args.vae_export, args.split, args.limit)
+    print(f"{'attribute':<16}{'videos':>10}{'reconstructed':>15}")
+    for key, value in result["videos"].items():
+        print(f"{key.removeprefix('attr/'):<16}{value:>10.3f}{result['reconstructions'][key]:>15.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
