@@ -129,7 +129,9 @@ def test_sigkill_then_same_command_equals_uninterrupted(
     checkpoints = tmp_path / "logs" / "train" / "runs" / "crashed" / "checkpoints"
     kill_at(crashed, checkpoints, kill_step)
     kept = sorted(p.name for p in checkpoints.glob("*.ckpt"))
-    assert "last.ckpt" in kept and 2 <= len(kept) <= 4, kept  # retention: the 3 newest steps, plus last
+    # retention: the 3 newest steps plus last, and a 4th step when the kill lands between Lightning writing
+    # the new checkpoint and removing the oldest (it removes only after the new one is complete)
+    assert "last.ckpt" in kept and 2 <= len(kept) <= 5, kept
     assert all(checkpoint_complete(checkpoints / name) for name in kept), "a kill left a partial checkpoint"
     resume = ["ckpt_path=last"] if stage == "diffusion" else []  # auto (the default) for stage 1
     logged = len((tmp_path / "crashed.losses").read_text().splitlines())

@@ -29,7 +29,8 @@ DIT = [*CORPUS, *COMMON, "trainer.max_steps=6", "data.batch_size=4", "data.val_b
        "data.batches_per_epoch=4", "model.dit.hidden_size=32", "model.dit.depth=1", "model.dit.num_heads=2",
        "module.warmup_steps=2", "callbacks.attribute_metrics.every_n_steps=3",
        "callbacks.attribute_metrics.num_prompts=4", "callbacks.attribute_metrics.num_steps=2"]
-EVAL = ["generation.num_steps=2", "generation.batch_size=8", "generation.max_prompts=12"]
+EVAL = ["generation.num_steps=2", "generation.batch_size=8", "generation.max_prompts=12",
+        "generation.videos_per_prompt=2"]
 
 
 def command(run: str) -> list[str]:

@@ -24,8 +24,8 @@ def test_train_writes_config_checkpoints_and_metrics(tiny_train_cfg):
     for key in ("train/loss", "val/loss", "val/psnr", "val/psnr_mean_frame", "val/psnr_moving",
                 "val/psnr_mean_frame_moving"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key]))
-    # the clips that move are where the mean frame is a poor prediction
-    assert metrics["val/psnr_mean_frame_moving"] < metrics["val/psnr_mean_frame"]
+    # the clips that move are where the mean frame is a poor prediction (here every validation clip moves)
+    assert metrics["val/psnr_mean_frame_moving"] <= metrics["val/psnr_mean_frame"]
 
     ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
     assert {p.name for p in ckpts} >= {"last.ckpt", "step0000004.ckpt", "step0000008.ckpt"}
