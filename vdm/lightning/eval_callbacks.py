@@ -244,14 +244,15 @@ class AttributeMetrics(SampledMetrics):
         self._train_seconds = 0.0
         self._since: float | None = None
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._since = time.perf_counter() if self._since is None else self._since
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._since is not None:  # training time only: the scoring itself is not counted
+        # training wall time (steps and data loading), the scoring itself left out
+        if self._since is not None:
             self._train_seconds += time.perf_counter() - self._since
-            self._since = None
         super().on_train_batch_end(trainer, pl_module, *args)
+        self._since = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_seconds": self._train_seconds}
