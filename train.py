@@ -136,7 +136,8 @@ def resume_path(cfg: DictConfig) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if ckpt not in ("auto", "last", "hpc", None) and Path(ckpt).exists() and not checkpoint_complete(ckpt):
         newest = find_resume_checkpoint(Path(ckpt).resolve().parent.parent)
-        hint = f"the newest complete one there is {newest}" if newest else "there is no complete one beside it"
+        hint = (f"the newest complete one there is {newest}" if newest
+                else "there is no complete one beside it")
         raise RuntimeError(
             f"ckpt_path: {ckpt} is incomplete (a save cut short: truncated file, or a DeepSpeed directory "
             f"without its `latest` tag); {hint}. ckpt_path=auto picks the newest complete checkpoint"

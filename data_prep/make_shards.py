@@ -31,9 +31,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vdm.data.encode import EncodeOptions, reencode_video
 from data_prep.shard_writer import EncodedSample, ShardSink, assign_split, sample_key
 from data_prep.sources import SourceItem, discover
+from vdm.data.encode import EncodeOptions, reencode_video
 from vdm.data.formats import normalize_ext
 from vdm.data.probe import MediaError, MediaInfo, ext_family, probe_media, sniff_family
 

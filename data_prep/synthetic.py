@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from vdm.data.encode import EncodeOptions, encode_frames
 from data_prep.shard_writer import EncodedSample, ShardSink, read_manifest, sample_key
-from vdm.synthetic.scenes import Scene, evaluation_prompts, heldout_prompts, render_scene, sample_scene
+from vdm.data.encode import EncodeOptions, encode_frames
 from vdm.data.probe import probe_media
+from vdm.synthetic.scenes import Scene, evaluation_prompts, heldout_prompts, render_scene, sample_scene
 
 log = logging.getLogger(__name__)
 

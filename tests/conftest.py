@@ -92,7 +92,8 @@ def tiny_train_cfg(tmp_path: Path, synthetic_root: Path):
     """Factory: the train config with the tiny synthetic corpus and tiny run sizes, plus extra overrides."""
 
     def make(*extra: str, config_name: str = "train") -> DictConfig:
-        corpus = [f"synthetic.root={synthetic_root}"] + [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
+        corpus = [f"synthetic.root={synthetic_root}"]
+        corpus += [f"synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()]
         if any(e.startswith("data=") and e != "data=synthetic" for e in extra):
             corpus = []  # another corpus: no synthetic node to override
         callbacks = TINY_CALLBACKS if config_name == "train" else []

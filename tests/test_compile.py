@@ -165,7 +165,8 @@ def test_compiled_blocks_match_eager_without_breaks_or_recompiles(compile_with, 
         assert (grad is None) == (ref is None), name
         if ref is not None:
             scale = ref.abs().max().item()
-            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dynamic", [False, None], ids=["static", "automatic-dynamic"])

@@ -21,7 +21,8 @@ NEEDS = {
     ("data", "shards"): ["corpus.root=/corpus"],
     ("data", "latents"): ["latents.root=/latents"],
     ("strategy", "deepspeed_stage_2"): NO_GAN,
-    **{("strategy", f"deepspeed_stage_{s}"): [*STAGE2_TINY, "model.vae_export={export}"] for s in ("3", "3_offload")},
+    **{("strategy", f"deepspeed_stage_{s}"): [*STAGE2_TINY, "model.vae_export={export}"]
+       for s in ("3", "3_offload")},
     ("experiment", "t2v_synthetic_dit"): ["model.vae_export={export}"],
 }
 STAGE2 = ["stage=diffusion", "model.vae_export={export}"]  # options of stage 2 need a VAE export
@@ -120,14 +121,18 @@ def test_evaluate_config_composes(tmp_path):
         (["data.short_policy=stretch"], r"data\.short_policy: expected one of 'skip', 'pad', 'loop'"),
         (["data.resume=sometimes"], r"data\.resume: expected one of 'exact', 'epoch'"),
         (["trainer.precision=bf17"], r"trainer\.precision: expected one of .*'bf16-mixed'.*got 'bf17'"),
-        (["trainer.strategy=dpp"], r"trainer\.strategy: unknown strategy 'dpp'; .*strategy=auto\|ddp\|deepspeed"),
+        (["trainer.strategy=dpp"],
+         r"trainer\.strategy: unknown strategy 'dpp'; .*strategy=auto\|ddp\|deepspeed"),
         (["trainer.accumulate_grad_batches=0"], r"trainer\.accumulate_grad_batches: expected an integer > 0"),
         (["global_batch_size=6", "trainer.devices=4"],
-         r"global_batch_size: 6 is not divisible by the 4 ranks .* allowed: multiples of 4, e\.g\. \[4, 8, 12\]"),
+         r"global_batch_size: 6 is not divisible by the 4 ranks .* "
+         r"allowed: multiples of 4, e\.g\. \[4, 8, 12\]"),
         (["global_batch_size=8", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
          r"global_batch_size: 8 .*accumulate_grad_batches=3; allowed: multiples of 6"),
-        (["trainer.precision=16-mixed"], r"optimizer\.fused: .* set optimizer\.fused=false, or module\.grad_clip=null"),
-        (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path: /nonexistent/last\.ckpt does not exist; allowed: auto, last"),
+        (["trainer.precision=16-mixed"],
+         r"optimizer\.fused: .* set optimizer\.fused=false, or module\.grad_clip=null"),
+        (["ckpt_path=/nonexistent/last.ckpt"],
+         r"ckpt_path: /nonexistent/last\.ckpt does not exist; allowed: auto, last"),
     ],
 )
 def test_bad_values_fail_naming_the_key(overrides, message, tmp_path):
@@ -139,15 +144,16 @@ def test_bad_values_fail_naming_the_key(overrides, message, tmp_path):
 def test_unknown_strategy_option_lists_the_options(tmp_path):
     from hydra.errors import MissingConfigException
 
-    with pytest.raises(MissingConfigException, match=r"strategy/ddq(.|\n)*Available options(.|\n)*deepspeed_stage_2"):
+    expected = r"strategy/ddq(.|\n)*Available options(.|\n)*deepspeed_stage_2"
+    with pytest.raises(MissingConfigException, match=expected):
         compose_config("train", ["strategy=ddq"], tmp_path)
 
 
 def test_global_batch_size_sets_the_per_rank_batch(tmp_path):
     from train import apply_global_batch
 
-    cfg = compose_config("train", ["global_batch_size=12", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
-                         tmp_path)
+    overrides = ["global_batch_size=12", "trainer.devices=2", "trainer.accumulate_grad_batches=3"]
+    cfg = compose_config("train", overrides, tmp_path)
     validate_config(cfg)
     apply_global_batch(cfg)
     assert cfg.data.batch_size == 2
@@ -187,7 +193,8 @@ def test_cli_rejects_bad_config_before_training(tmp_path):
          r"model\.dit\.patch_size: \[1, 3, 3\] does not divide the latent clip .* h in \[1, 2, 4, 8\]"),
         (["model.dit.patch_size=[2,2,2]", "data.num_frames=9"],
          r"model\.dit\.patch_size: .*\(T, H, W\) = \(3, .*t in \[1, 3\]"),
-        (["model.dit.num_heads=3"], r"model\.dit\.num_heads: 3 does not split .*hidden_size=\d+.* allowed: \["),
+        (["model.dit.num_heads=3"],
+         r"model\.dit\.num_heads: 3 does not split .*hidden_size=\d+.* allowed: \["),
         (["module.ema_decay=1.5"], r"module\.ema_decay: expected a value in \[0, 1\)"),
         (["module.caption_dropout=-0.1"], r"module\.caption_dropout: expected a probability in \[0, 1\]"),
     ],

@@ -31,7 +31,8 @@ def _run(cmd: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.Complet
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd[:6])}... exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(f"{' '.join(cmd[:6])}... exited {proc.returncode}\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
@@ -57,9 +58,10 @@ def test_two_ranks_two_workers_see_every_val_sample_once_and_equal_batches(tmp_p
 def test_ddp_fit_on_uneven_shards_finishes_on_both_ranks(tmp_path):
     root = _uneven_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
-    _run([sys.executable, "train.py", "data=shards", f"corpus.root={root}", "strategy=ddp", "trainer.devices=2",
-          f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}", "logger=csv",
-          "data.num_frames=5", "data.height=32", "data.width=32", "data.batch_size=2", "data.val_batch_size=2",
+    _run([sys.executable, "train.py", "data=shards", f"corpus.root={root}", "strategy=ddp",
+          "trainer.devices=2", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}", "logger=csv",
+          "data.num_frames=5", "data.height=32", "data.width=32", "data.batch_size=2",
+          "data.val_batch_size=2",
           "data.num_workers=2", "data.frame_stride=1", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
           "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.progress_bar.refresh_rate=0",
           "module.warmup_steps=1", "module.disc_start_step=3"], timeout=400)

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from tests.test_diffusion_module import make_module
 from vdm.data.datamodule import VideoDataModule
 from vdm.eval.prompts import PromptSpec, video_seed
-from vdm.lightning.eval_callbacks import GenerationMetrics, ReconstructionFVD
 from vdm.eval.text_to_video import fvd_protocol, real_videos, reference_statistics
+from vdm.lightning.eval_callbacks import GenerationMetrics, ReconstructionFVD
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, frechet_distance, save_statistics
 from vdm.metrics.i3d import fvd_preprocess, load_i3d

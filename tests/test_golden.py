@@ -38,7 +38,8 @@ class LossRecorder(L.Callback):
     def __init__(self) -> None:
         LossRecorder.losses = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           *args) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         LossRecorder.losses.append(float(loss))
 

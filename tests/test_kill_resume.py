@@ -34,7 +34,8 @@ class LossLog(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           *args) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {float(loss).hex()}\n")

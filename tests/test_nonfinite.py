@@ -54,7 +54,8 @@ def test_stop_raises_before_the_update_and_names_the_samples(vae_export_dir, tex
     assert all(torch.isfinite(p).all() for p in module.dit.parameters())
 
 
-def test_skip_leaves_the_weights_of_the_bad_step_unchanged(vae_export_dir, text_encoder_dir, tmp_path, caplog):
+def test_skip_leaves_the_weights_of_the_bad_step_unchanged(vae_export_dir, text_encoder_dir, tmp_path,
+                                                            caplog):
     module = make_module(vae_export_dir, text_encoder_dir, nonfinite="skip")
     trainer, snapshots = _fit(module, tmp_path, bad_step=2)
     assert trainer.global_step == 4 and "bad-2" in caplog.text

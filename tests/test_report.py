@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from vdm.data.encode import encode_frames
-from vdm.eval.report import write_report
 from vdm.eval.generation import ENCODE_OPTIONS, GeneratedVideo
+from vdm.eval.report import write_report
 
 EVIL = "<script>alert(1)</script>"
 COLORS = {"red": (220, 30, 30), "blue": (40, 80, 235), "green": (30, 190, 50)}

@@ -66,7 +66,8 @@ def test_an_explicit_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> No
     bad = _save(run / "checkpoints" / "step0000200.ckpt", 200, 2_000_000_000)
     bad.write_bytes(bad.read_bytes()[:100])
     cfg = OmegaConf.create({"ckpt_path": str(bad), "paths": {"output_dir": str(run)}})
-    with pytest.raises(RuntimeError, match=rf"{bad} is incomplete .* the newest complete one there is {good}"):
+    expected = rf"{bad} is incomplete .* the newest complete one there is {good}"
+    with pytest.raises(RuntimeError, match=expected):
         resume_path(cfg)
     cfg.ckpt_path = "auto"
     assert resume_path(cfg) == str(good)  # auto falls back to it

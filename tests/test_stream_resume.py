@@ -82,7 +82,8 @@ def test_iter_shard_skip_seeks_to_the_sample(corpus: Path) -> None:
 
 @pytest.mark.parametrize(
     ("workers", "resampled", "cut"),
-    [(0, False, 0), (0, False, 3), (0, True, 5), (0, False, BATCHES), (2, False, 3), (2, True, 4), (2, False, 6)],
+    [(0, False, 0), (0, False, 3), (0, True, 5), (0, False, BATCHES),
+     (2, False, 3), (2, True, 4), (2, False, 6)],
 )
 def test_resume_mid_epoch_equals_uninterrupted(corpus: Path, workers: int, resampled: bool, cut: int) -> None:
     reference = Run(corpus, workers, resampled)

@@ -94,7 +94,8 @@ def test_stage_two_sweep_over_learning_rates_and_model_sizes(
     sweep_dir = tmp_path / "stage2"
     stage2 = ["stage=diffusion", f"model.vae_export={vae_export_dir}"]
     sweep = ["-m", "optimizer.lr=1e-4,3e-4", "model=dit_tiny,dit_s", *stage2]
-    _sweep(tmp_path, synthetic_root, sweep_dir, *sweep, stage_callbacks=("diffusion_samples", "generation_metrics"))
+    _sweep(tmp_path, synthetic_root, sweep_dir, *sweep,
+           stage_callbacks=("diffusion_samples", "generation_metrics"))
     main([str(sweep_dir)])
     rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)

@@ -46,7 +46,7 @@ def test_window_rates_mfu_and_data_wait(monkeypatch: pytest.MonkeyPatch) -> None
     module = Worker()
     monitor.on_train_start(trainer, module)
     assert monitor.peak == 2e12
-    for step in range(9):  # step 0 is skipped; two windows of 4 steps follow
+    for _ in range(9):  # step 0 is skipped; two windows of 4 steps follow
         clock.now += 0.25  # waiting for the batch
         loader.wait_seconds += 0.25
         monitor.on_train_batch_start(trainer, module, {})
@@ -70,7 +70,8 @@ def test_batch_work_reads_shapes_only(vae_export_dir, text_encoder_dir) -> None:
     assert samples == 3
     assert tokens == 3 * tokens_per_sample(module.dit, (2, 4, 4))
     assert flops == 3 * dit_flops(module.dit, (2, 4, 4), length, training=True)
-    latents = {"latent": torch.empty(2, 16, 2, 4, 4, device="meta"), "text": torch.empty(2, 7, 64, device="meta")}
+    latents = {"latent": torch.empty(2, 16, 2, 4, 4, device="meta"),
+               "text": torch.empty(2, 7, 64, device="meta")}
     assert module.batch_work(latents)[2] == 2 * dit_flops(module.dit, (2, 4, 4), 7, training=True)
 
 

@@ -171,7 +171,8 @@ def test_diffusion_on_precomputed_latents_and_text(tiny_train_cfg, vae_export_di
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
     wrong = tiny_train_cfg(
-        *overrides, "model.text_encoder.max_length=16", "synthetic_text_encoder=null", "model.dit.context_dim=64"
+        *overrides, "model.text_encoder.max_length=16", "synthetic_text_encoder=null",
+        "model.dit.context_dim=64"
     )
     with pytest.raises(ValueError, match="text embeddings of text encoder t5:"):
         train(wrong)

@@ -287,7 +287,8 @@ def test_shortcuts_are_causal_pooling_and_repetition() -> None:
     upsampled = up(pooled)
     assert upsampled.shape == (1, 2, 5, 4, 4)
     torch.testing.assert_close(upsampled[:, :, 3], upsampled[:, :, 4])  # later frames repeated twice
-    torch.testing.assert_close(upsampled[:, :, 0], pooled[:, :, 0].repeat_interleave(2, -1).repeat_interleave(2, -2))
+    repeated = pooled[:, :, 0].repeat_interleave(2, -1).repeat_interleave(2, -2)
+    torch.testing.assert_close(upsampled[:, :, 0], repeated)
 
 
 def test_shortcuts_add_group_means_to_the_latent() -> None:
@@ -306,7 +307,8 @@ def test_shortcuts_add_group_means_to_the_latent() -> None:
 def test_posterior_starts_nearly_deterministic() -> None:
     vae = make_vae(TINY_TC4)
     bias = vae.encoder.conv_out.bias
-    assert torch.all(bias[vae.latent_channels :] == LOGVAR_INIT) and torch.all(bias[: vae.latent_channels] == 0)
+    assert torch.all(bias[vae.latent_channels :] == LOGVAR_INIT)
+    assert torch.all(bias[: vae.latent_channels] == 0)
     with torch.no_grad():
         logvar = vae.encode(video((2, 3, 5, 16, 16))).logvar
     assert abs(float(logvar.mean()) - LOGVAR_INIT) < 1.0
@@ -336,14 +338,16 @@ def test_diagonal_gaussian() -> None:
     "overrides, match",
     [
         ({"temporal_downsample": (True, True)}, r"len\(temporal_downsample\) must equal .* - 1 = 1"),
-        ({"base_channels": 24, "norm_groups": 16, "norm": "group"}, r"divisible by norm_groups \(16\).*e\.g\. 8"),
+        ({"base_channels": 24, "norm_groups": 16, "norm": "group"},
+         r"divisible by norm_groups \(16\).*e\.g\. 8"),
         ({"patch_size": 0}, r"patch_size must be >= 1"),
         ({"norm": "batch"}, r"norm must be 'rms' .*, 'group' .* or 'none', got 'batch'"),
         ({"channel_mults": ()}, "channel_mults must be a non-empty"),
         ({"num_res_blocks": 0}, "num_res_blocks must be >= 1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"latent_channels": 0}, "must be >= 1"),
-        ({"shortcuts": True, "latent_channels": 3}, r"latent_channels \(3\) must divide 32; pick one of \[1, 2, 4"),
+        ({"shortcuts": True, "latent_channels": 3},
+         r"latent_channels \(3\) must divide 32; pick one of \[1, 2, 4"),
     ],
 )
 def test_constructor_errors(overrides: dict, match: str) -> None:

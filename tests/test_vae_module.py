@@ -54,7 +54,8 @@ def make_module(**kwargs) -> VAEModule:
     defaults = {"discriminator": PatchDiscriminator3d(base_channels=8, num_layers=2, norm_groups=8),
                 "disc_optimizer": functools.partial(torch.optim.Adam, lr=1e-3),
                 "disc_start_step": 0, "warmup_steps": 0}
-    module = VAEModule(VideoVAE(**VAE_ARGS), functools.partial(torch.optim.Adam, lr=2e-3), **{**defaults, **kwargs})
+    optimizer = functools.partial(torch.optim.Adam, lr=2e-3)
+    module = VAEModule(VideoVAE(**VAE_ARGS), optimizer, **{**defaults, **kwargs})
     module.run_config = {"model": {"_target_": "vdm.models.vae.VideoVAE", **VAE_ARGS}}
     return module
 

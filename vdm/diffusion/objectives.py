@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from vdm.diffusion.common import Denoiser, Generators
 from vdm.diffusion.ddpm import (
     DDPMSchedule,
     PredictionType,
@@ -27,7 +28,6 @@ from vdm.diffusion.ddpm import (
     sample_ddpm_timesteps,
 )
 from vdm.diffusion.flow import flow_interpolate, sample_flow_time, shift_for_num_tokens
-from vdm.diffusion.common import Denoiser, Generators
 from vdm.diffusion.losses import ddpm_loss, flow_loss
 from vdm.diffusion.samplers import ddim_sample, euler_sample, heun_sample
 

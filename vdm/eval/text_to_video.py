@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from vdm.eval.report import write_report
 from vdm.eval.attributes import attribute_protocol, score_videos, write_verdicts
 from vdm.eval.generation import GeneratedVideo, generate_videos, read_frames, read_video, write_metrics
 from vdm.eval.prompts import read_prompts
+from vdm.eval.report import write_report
 from vdm.metrics.clip_score import CLIPScore, CLIPScorer
 from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, save_statistics
 from vdm.metrics.i3d import detector_hash, fvd_preprocess, load_i3d

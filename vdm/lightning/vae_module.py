@@ -85,7 +85,9 @@ class VAEModule(L.LightningModule):
         check_policy(nonfinite)
         if (discriminator is None) != (disc_optimizer is None):
             raise ValueError("module: discriminator and disc_optimizer must be given together (or both null)")
-        self.save_hyperparameters(ignore=["model", "optimizer", "discriminator", "disc_optimizer", "perceptual"])
+        self.save_hyperparameters(
+            ignore=["model", "optimizer", "discriminator", "disc_optimizer", "perceptual"]
+        )
         self.automatic_optimization = False
         self.model = model
         self.discriminator = discriminator
@@ -267,7 +269,8 @@ class VAEModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        trainer = self.trainer
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         hp = self.hparams
         optimizers = [self.optimizer_factory(self.model.parameters())]
         if self.discriminator is not None:

@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from vdm.models.layers import CausalCache, CausalConv3d, ChannelRMSNorm, Downsample3d, NormKind, ResBlock3d, Upsample3d, make_norm
+from vdm.models.layers import (
+    CausalCache,
+    CausalConv3d,
+    ChannelRMSNorm,
+    Downsample3d,
+    NormKind,
+    ResBlock3d,
+    Upsample3d,
+    make_norm,
+)
 from vdm.models.posterior import DiagonalGaussian
 from vdm.models.vae_chunked import run_stream, validate_chunk_frames, validate_tiling
 
@@ -112,7 +121,9 @@ class Decoder3d(nn.Module):
         channels = base_channels * channel_mults[-1]
         self.shortcuts = shortcuts
         self.conv_in = CausalConv3d(latent_channels, channels, 3)
-        blocks: list[nn.Module] = [ResBlock3d(channels, channels, dropout, norm_groups, norm) for _ in range(2)]
+        blocks: list[nn.Module] = [
+            ResBlock3d(channels, channels, dropout, norm_groups, norm) for _ in range(2)
+        ]
         for level in reversed(range(len(channel_mults))):
             # one block more than the encoder per level, as in the LDM/SD autoencoder
             for _ in range(num_res_blocks + 1):

@@ -21,7 +21,8 @@ residual branches are live) with 64 x 48 frames and 48 px tiles: mean |err| rela
 scale 2.0% for noise frames and 1.2% for a smooth gradient when encoding, 1.5-1.7% when decoding,
 max |err| 0.2-0.3; 32 px tiles give 6-9%. With ``norm="group"`` (per-frame GroupNorm) a tile
 normalises with its own statistics and the smooth gradient gives 52% (encode) / 25% (decode).
-Use the largest tile that fits in memory; when ``tile_size`` covers the whole frame no tiling happens and the result is exact.
+Use the largest tile that fits in memory; when ``tile_size`` covers the whole frame no tiling happens and
+the result is exact.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def _sha256_files(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def export_vae(model: torch.nn.Module, config: Mapping[str, Any], stats: LatentStats, out_dir: str | Path) -> str:
+def export_vae(model: torch.nn.Module, config: Mapping[str, Any], stats: LatentStats,
+               out_dir: str | Path) -> str:
     """Write the export directory (atomically: a temporary sibling, then rename); returns the VAE hash."""
     out = Path(out_dir)
     if "_target_" not in config or not str(config["_target_"]).startswith(_ALLOWED_PREFIX):
@@ -99,7 +100,8 @@ def export_vae(model: torch.nn.Module, config: Mapping[str, Any], stats: LatentS
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
     (tmp / "latent_stats.json").write_text(json.dumps(asdict(stats), indent=2))
     vae_hash = _sha256_files(tmp)
-    (tmp / "export.json").write_text(json.dumps({"vae_hash": vae_hash, "files": list(HASHED_FILES)}, indent=2))
+    manifest = {"vae_hash": vae_hash, "files": list(HASHED_FILES)}
+    (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
     if out.exists():
         backup = out.with_name(f".{out.name}.old")
         out.rename(backup)
@@ -122,13 +124,17 @@ def load_vae_export(path: str | Path, expected_hash: str | None = None) -> VAEEx
     recorded = json.loads((path / "export.json").read_text())["vae_hash"]
     actual = _sha256_files(path)
     if actual != recorded:
-        raise ExportError(f"VAE export {path} was modified: content hash {actual[:12]} != recorded {recorded[:12]}")
+        raise ExportError(
+            f"VAE export {path} was modified: content hash {actual[:12]} != recorded {recorded[:12]}"
+        )
     if expected_hash is not None and actual != expected_hash:
         raise ExportError(f"VAE export {path} has hash {actual[:12]}, expected {expected_hash[:12]}")
     config = json.loads((path / "config.json").read_text())
     target = str(config.pop("_target_"))
     if not target.startswith(_ALLOWED_PREFIX):
-        raise ExportError(f"VAE export {path}: refusing to build {target!r} (only {_ALLOWED_PREFIX}* classes)")
+        raise ExportError(
+            f"VAE export {path}: refusing to build {target!r} (only {_ALLOWED_PREFIX}* classes)"
+        )
     module_name, _, cls_name = target.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     model = cls(**config)
