@@ -50,6 +50,11 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, C) uint8 -> (C, T, H, W) float in [-1, 1] (the inverse of ``to_uint8_frames``)."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     # a crash mid-write must not leave a truncated mp4 that a resumed run would keep
     tmp = path.with_name(path.name + ".tmp")
@@ -131,8 +136,7 @@ def read_frames(path: str | Path) -> np.ndarray:
 
 def read_video(path: str | Path) -> torch.Tensor:
     """Decode every frame of an mp4 with PyAV: (3, T, H, W) float in [-1, 1]."""
-    video = torch.from_numpy(read_frames(path)).permute(3, 0, 1, 2)  # (3, T, H, W) uint8
-    return video.float() / 127.5 - 1
+    return from_uint8_frames(read_frames(path))
 
 
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any], manifest: dict[str, Any]) -> Path:

@@ -22,22 +22,17 @@ from typing import Any
 
 import torch
 
+from vdm.eval.generation import from_uint8_frames, to_uint8_frames
 from vdm.metrics.attributes import decode_mp4, evaluate_video, iter_corpus, summarize
-from vdm.metrics.reconstruction import frame_psnr
+from vdm.metrics.reconstruction import frame_psnr, mean_frame_baseline
 from vdm.utils.vae_export import load_vae_export
 
 
 @torch.no_grad()
 def reconstruct(vae: torch.nn.Module, frames: Any) -> Any:
     """(T, H, W, 3) uint8 -> the VAE's reconstruction from the posterior mean, (T, H, W, 3) uint8."""
-    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # 1 3 T H W
-    x_hat = vae(x, sample_posterior=False)[0].clamp(-1, 1)
-    return ((x_hat[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-
-
-def _pixels(frames: Any) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    x_hat = vae(from_uint8_frames(frames)[None], sample_posterior=False)[0]  # 1 3 T H W
+    return to_uint8_frames(x_hat[0])
 
 
 def vae_ceiling(corpus: str | Path, export: str | Path, split: str = "val", limit: int | None = 64
@@ -45,8 +40,8 @@ def vae_ceiling(corpus: str | Path, export: str | Path, split: str = "val", limi
     """``{"videos": summary, "reconstructions": summary, "psnr": ...}``: the attribute evaluator's summaries
     (``attr/*`` keys) on the first ``limit`` videos of ``split`` and on their reconstructions through
     ``export``, and the mean frame PSNR (dB) of the reconstructions and of the mean-frame baseline, over all
-    videos (``reconstruction``, ``mean_frame``) and over those that move (``*_moving``: some pixel leaves
-    its video's mean by more than 25 of 255 levels; NaN when none does)."""
+    videos (``reconstruction``, ``mean_frame``) and over those that move (``*_moving``, as
+    ``mean_frame_baseline`` decides; NaN when none does)."""
     vae = load_vae_export(export).model.eval()
     raw, rebuilt = [], []
     names = ("reconstruction", "mean_frame", "reconstruction_moving", "mean_frame_moving")
@@ -58,13 +53,13 @@ def vae_ceiling(corpus: str | Path, export: str | Path, split: str = "val", limi
         rebuilt_frames = reconstruct(vae, frames)
         raw.append(evaluate_video(frames, expected))
         rebuilt.append(evaluate_video(rebuilt_frames, expected))
-        x = _pixels(frames)
-        mean_frame = x.mean(dim=2, keepdim=True).expand_as(x)
-        moving = bool((x - mean_frame).abs().amax() > 0.2)
-        for name, prediction in (("reconstruction", _pixels(rebuilt_frames)), ("mean_frame", mean_frame)):
+        x = from_uint8_frames(frames)[None]
+        mean_frame, moving = mean_frame_baseline(x)
+        for name, prediction in (("reconstruction", from_uint8_frames(rebuilt_frames)[None]),
+                                 ("mean_frame", mean_frame)):
             value = frame_psnr(prediction, x)
             psnr[name].append(value)
-            if moving:
+            if moving.item():
                 psnr[f"{name}_moving"].append(value)
     if not raw:
         raise ValueError(f"{corpus}: no {split} videos")

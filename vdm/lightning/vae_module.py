@@ -26,7 +26,7 @@ from vdm.lightning.strategies import (
     param_dtype,
     set_deepspeed_gradient_clipping,
 )
-from vdm.metrics.reconstruction import frame_psnr, frame_ssim
+from vdm.metrics.reconstruction import frame_psnr, frame_ssim, mean_frame_baseline
 from vdm.models.discriminator import adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 
 log = logging.getLogger(__name__)
@@ -242,12 +242,9 @@ class VAEModule(L.LightningModule):
         metrics["loss"].update(loss, weight=x.shape[0])
         metrics["psnr"].update(frame_psnr(x_hat, x))
         metrics["ssim"].update(frame_ssim(x_hat, x))
-        mean_frame = x.mean(dim=2, keepdim=True).expand_as(x)
+        mean_frame, moving = mean_frame_baseline(x)
         metrics["psnr_mean_frame"].update(frame_psnr(mean_frame, x))
-        # the clips that move (some pixel leaves its mean by > 0.2, i.e. 25 of 255 levels, far above codec
-        # noise), where predicting the mean frame is no longer nearly right; weight 0 keeps every rank's
-        # metric in step when a batch has none
-        moving = (x - mean_frame).abs().flatten(1).amax(dim=1) > 0.2
+        # the clips that move; weight 0 keeps every rank's metric in step when a batch has none
         for name, prediction in (("psnr_moving", x_hat), ("psnr_mean_frame_moving", mean_frame)):
             if moving.any():
                 metrics[name].update(frame_psnr(prediction[moving], x[moving]))
