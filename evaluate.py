@@ -8,16 +8,16 @@ with the protocol manifest, and a self-contained ``report.html``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from train import setup_run
+from data_prep.prepare import prepare_corpus
+from vdm.config.check import ConfigError, validate_config
+from vdm.lightning.run import setup_run
 from vdm.utils.checkpoints import load_checkpoint
-from vdm.utils.config_check import ConfigError, validate_config
 
 log = logging.getLogger("vdm.evaluate")
 
@@ -79,7 +79,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stored = checkpoint.meta.get("vdm_config")
     if stored:
         use_checkpoint_config(cfg, stored, command_line_overrides(), ckpt)
-    datamodule, module, trainer = setup_run(cfg)
+    datamodule, module, trainer = setup_run(cfg, prepare=prepare_corpus)
+    from vdm.eval.generation import write_metrics
     from vdm.eval.text_to_video import evaluate_generation, load_weights
 
     if hasattr(module, "sample"):  # stage 2: generate and score
@@ -87,10 +88,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     load_weights(module, checkpoint)
     results = trainer.validate(module, datamodule=datamodule, verbose=True)
     metrics = {k: float(v) for k, v in results[0].items()}
-    out = Path(cfg.paths.output_dir) / "metrics.json"
     manifest = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": checkpoint.sha256,
                 "checkpoint_format": checkpoint.format, "global_step": checkpoint.meta.get("global_step")}
-    out.write_text(json.dumps({"metrics": metrics, "protocol": manifest}, indent=2, sort_keys=True))
+    out = write_metrics(cfg.paths.output_dir, metrics, manifest)
     log.info("metrics written to %s: %s", out, metrics)
     return metrics
 

@@ -51,19 +51,31 @@ MIB = 2**20
 def load_preset(name: str) -> dict[str, Any]:
     """Constructor kwargs of a model preset ``conf/model/<name>.yaml`` (``_target_`` dropped, unresolved).
 
-    DiT presets hold their kwargs under ``dit:``; VAE presets at the top level. Interpolations (the
+    DiT presets hold their kwargs under ``dit:``, VAE presets under ``vae:``. Interpolations (the
     DiT's ``context_dim``) stay strings: callers override them.
     """
-    from omegaconf import OmegaConf
-
     path = ROOT / "conf" / "model" / f"{name}.yaml"
     if not path.is_file():
         choices = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
         raise SystemExit(f"no model preset {name!r}: choose one of {choices}")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    assert isinstance(config, dict)
-    config = config.get("dit", config)
+    config = config_option("model", name)
+    config = config.get("dit", config.get("vae"))
     return {k: v for k, v in config.items() if k != "_target_"}
+
+
+def config_option(group: str, option: str) -> dict[str, Any]:
+    """One option of a config group composed by Hydra (with the defaults it includes), as plain data,
+    interpolations unresolved: ``config_option("model", "dit_b")["dit"]``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=f"{group}/{option}")
+    config = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(config, dict)
+    return config[group] if group in config and len(config) == 1 else config
 
 
 def build_dit(preset: str, context_dim: int, device: torch.device | str = "cpu") -> torch.nn.Module:

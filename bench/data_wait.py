@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    ROOT,
     add_output_args,
     apply_threads,
     build_dit,
+    config_option,
     cores,
     make_parser,
     print_summary,
@@ -53,16 +53,14 @@ H100_BF16_FLOPS = 989.4e12  # vdm.utils.perf.PEAK_TFLOPS["H100"]["bf16"]
 
 def data_defaults() -> dict[str, Any]:
     """The loader settings of conf/data/shards.yaml (the shipped corpus configuration)."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "shards.yaml"), resolve=False)
+    config = config_option("data", "shards")
     keys = ("num_frames", "frame_stride", "height", "batch_size", "num_workers", "video_dtype")
     return {k: config["data"][k] for k in keys}
 
 
 def predict_step_seconds(args: argparse.Namespace) -> tuple[float, int, list[int]]:
     """(seconds, FLOPs, latent (T, H, W)) of one training step of the DiT preset on the target GPU."""
-    from vdm.utils.flops import dit_flops
+    from vdm.models.flops import dit_flops
 
     latent = [1 + (args.num_frames - 1) // args.vae_temporal, args.size // args.vae_spatial,
               args.size // args.vae_spatial]

@@ -2,7 +2,7 @@
 
 Builds a ``VideoDiT`` preset (default ``dit_b``) with random weights and times full training steps on
 random latents and text: forward, loss, backward and a fused AdamW step. Model FLOPs per step come from
-the analytic count (``vdm.utils.flops.dit_flops(training=True)``: 3 x forward matmul FLOPs); the
+the analytic count (``vdm.models.flops.dit_flops(training=True)``: 3 x forward matmul FLOPs); the
 reference is the FLOP/s of a square matmul in the same dtype on the same device
 (``vdm.utils.perf.measured_matmul_flops``), measured between the timed steps so both see the same machine
 state. On a CUDA GPU the steps run under bf16 autocast and the table peak is reported too (MFU).
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import load_preset  # noqa: E402
 
 
 def build(
@@ -32,15 +33,14 @@ def build(
 ) -> torch.nn.Module:
     from vdm.models.dit import VideoDiT
 
-    config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml"))["dit"]
-    config = {k: v for k, v in config.items() if k != "_target_"} | {"context_dim": context_dim}
+    config = load_preset(preset) | {"context_dim": context_dim}
     if checkpointing is not None:
         config["gradient_checkpointing"] = checkpointing
     return VideoDiT(**config).to(device)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from vdm.utils.flops import dit_flops, tokens_per_sample
+    from vdm.models.flops import dit_flops
     from vdm.utils.perf import measured_matmul_flops, table_peak_flops
 
     device = torch.device(args.device)
@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": bool(model.gradient_checkpointing),
         "latent": [t, h, w],
         "batch": args.batch,
-        "tokens_per_sample": tokens_per_sample(model, (t, h, w)),
+        "tokens_per_sample": model.num_tokens((t, h, w)),
         "text_tokens": args.text,
         "step_flops": flops,
         "step_s": step_s,

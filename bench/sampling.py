@@ -49,7 +49,7 @@ PROMPTS = ["a red ball moving left on grass", "a blue cube moving right", "a gre
 
 def build_module(args: argparse.Namespace, tmp: Path, device: torch.device) -> Any:
     """A DiffusionModule with random weights (DiT preset, exported VAE preset, stand-in T5) on ``device``."""
-    from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
+    from data_prep.standin_text_encoder import ensure_random_text_encoder, synthetic_vocabulary
     from vdm.diffusion.objectives import RectifiedFlow
     from vdm.lightning.diffusion_module import DiffusionModule
     from vdm.models.text_encoder import TextEncoder

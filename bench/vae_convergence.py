@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,12 @@ from omegaconf import OmegaConf
 from vdm.data.datamodule import VideoDataModule
 from vdm.metrics.reconstruction import frame_psnr
 from vdm.models.vae import VideoVAE
+from vdm.utils.frames import uint8_to_float
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import load_preset  # noqa: E402
 
 
 def load_clips(corpus: Path, num_train: int, num_val: int, frames: int, size: int) -> dict[str, torch.Tensor]:
@@ -50,10 +55,6 @@ def load_clips(corpus: Path, num_train: int, num_val: int, frames: int, size: in
     clips = {"train": torch.cat(train)[:num_train], "val": torch.cat(val)[:num_val]}
     torch.save(clips, cache)
     return clips
-
-
-def to_float(clips: torch.Tensor) -> torch.Tensor:
-    return clips.float() / 127.5 - 1.0
 
 
 def baselines(val: torch.Tensor) -> dict[str, float]:
@@ -76,10 +77,8 @@ def evaluate(model: VideoVAE, val: torch.Tensor, batch_size: int) -> float:
 
 
 def build_model(preset: str, overrides: list[str]) -> VideoVAE:
-    preset_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml")
-    cfg = OmegaConf.merge(preset_cfg, OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(load_preset(preset), OmegaConf.from_dotlist(overrides))
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    kwargs.pop("_target_", None)
     return VideoVAE(**kwargs)
 
 
@@ -105,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
 
     clips = load_clips(args.corpus, 512, args.num_val, args.frames, args.size)
-    train, val = clips["train"], to_float(clips["val"])
+    train, val = clips["train"], uint8_to_float(clips["val"])
     torch.manual_seed(args.seed)
     model = build_model(args.preset, args.overrides)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -115,7 +114,7 @@ def main() -> None:
     print(" ".join(f"{k} {v:.2f} dB" for k, v in refs.items()), flush=True)
     curve, start, eval_seconds = [], time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):
-        x = to_float(train[torch.randint(0, len(train), (args.batch_size,), generator=generator)])
+        x = uint8_to_float(train[torch.randint(0, len(train), (args.batch_size,), generator=generator)])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             x_hat, posterior = model(x)
         x_hat = x_hat.float()

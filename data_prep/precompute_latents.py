@@ -26,7 +26,6 @@ import glob
 import io
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +39,7 @@ from vdm.data.pipeline import VideoDataset
 from vdm.data.probe import MediaInfo
 from vdm.data.shards import expand_shards, load_manifest, shard_sample_counts
 from vdm.models.text_encoder import TextEncoder
+from vdm.utils.io import atomic_dir
 from vdm.utils.vae_export import load_vae_export
 
 log = logging.getLogger(__name__)
@@ -214,18 +214,10 @@ def _ensure_locked(out: Path, corpus: Path, vae_export: str | Path, num_frames: 
         manifest = load_manifest(out / "manifest.json") if (out / "manifest.json").is_file() else None
         if "latents" not in (manifest or {}):
             raise FileExistsError(f"{out} exists and is not a latent corpus; refusing to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("encoding the latents of %s into %s", corpus, out)
-    try:
+    with atomic_dir(out) as tmp:
         precompute(str(corpus), str(vae_export), str(tmp), num_frames=num_frames, height=height, width=width,
                    batch_size=batch_size, text_encoder=text_encoder, backend=backend)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return out
 
 

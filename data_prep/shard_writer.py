@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from vdm.data.probe import MediaInfo
+from vdm.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +240,7 @@ class ShardSink:
                 log.info("removing stale shard %s", path)
                 path.unlink()
         rows = [row for split in SPLITS for row in self._splits[split].rows]
-        _atomic_write(self.out_dir / INDEX_NAME,
-                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8"))
+        atomic_write(self.out_dir / INDEX_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         splits = {split: self._splits[split].summary() for split in SPLITS}
         totals = {key: sum(splits[s][key] for s in SPLITS) for key in ("samples", "frames", "bytes")}
         totals["hours"] = round(sum(splits[s]["hours"] for s in SPLITS), 9)
@@ -252,7 +252,7 @@ class ShardSink:
         }
         manifest.update(extra_fields or {})
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _atomic_write(self.out_dir / MANIFEST_NAME, text.encode("utf-8"))
+        atomic_write(self.out_dir / MANIFEST_NAME, text)
         return manifest
 
 
@@ -279,9 +279,3 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{out_dir}/{MANIFEST_NAME} is not a {MANIFEST_FORMAT} manifest")
     return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

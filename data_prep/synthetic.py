@@ -22,7 +22,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from data_prep.shard_writer import EncodedSample, ShardSink, read_manifest, samp
 from vdm.data.encode import EncodeOptions, encode_frames
 from vdm.data.probe import probe_media
 from vdm.synthetic.scenes import Scene, evaluation_prompts, heldout_prompts, render_scene, sample_scene
+from vdm.utils.io import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def write_prompts(out_dir: Path, config: SyntheticConfig) -> None:
         PROMPTS_EVAL: "".join(json.dumps(p, sort_keys=True) + "\n" for p in evaluation),
     }
     for name, text in files.items():
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write(out_dir / name, text)
 
 
 def generate_synthetic_corpus(out_dir: str | Path, config: SyntheticConfig, *, workers: int | None = None,
@@ -183,19 +181,9 @@ def ensure_synthetic_corpus(root: str | Path, *, seed: int = 0, num_train: int =
                 write_prompts(root, config)
             return root
         _check_replaceable(root)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         start = time.perf_counter()
-        try:
+        with atomic_dir(root) as tmp:
             generate_synthetic_corpus(tmp, config, workers=workers, progress=progress)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        if root.exists():
-            os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
         log.info("generated synthetic corpus at %s in %.1f s", root, time.perf_counter() - start)
     return root
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: Hydra composition of the real config tree and a tiny synthetic corpus."""
+"""Shared fixtures: a tiny synthetic corpus and the tiny models built from it (builders: tests/helpers)."""
 
 from __future__ import annotations
 
@@ -6,49 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from tests.helpers.config import (
+    TINY_CALLBACKS,
+    TINY_RUN,
+    TINY_SYNTHETIC,
+    compose_config,
+    config_option,
+)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-# Small enough to generate in seconds; shape-compatible with the tiny VAE (1 + 4k frames, 8x spatial).
-TINY_SYNTHETIC = {
-    "num_train": 24,
-    "num_val": 8,
-    "num_frames": 9,
-    "height": 32,
-    "width": 32,
-    "fps": 8,
-    "keyframe_interval": 4,
-}
-TINY_RUN = [
-    "data.num_frames=5",
-    "data.height=32",
-    "data.width=32",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
-    "data.num_workers=0",
-    "data.batches_per_epoch=4",
-    "data.val_batches=2",
-    "logger=none",
-    "trainer.max_steps=8",
-    # fp32: exact numbers on any CPU (the CPU trainer's bf16 default depends on native bf16 support)
-    "trainer.precision=32-true",
-    "trainer.check_val_every_n_epoch=1",
-    "trainer.log_every_n_steps=1",
-    "module.warmup_steps=2",
-]
-# tests share run directories between runs: no automatic resume unless a test asks for it
-TINY_CALLBACKS = [
-    "callbacks.model_checkpoint.every_n_train_steps=4",
-    "callbacks.progress_bar.refresh_rate=0",
-    "ckpt_path=null",
-]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -61,20 +30,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` as ``@hydra.main`` would, with the run dir at ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +68,7 @@ def vae_export_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
     from vdm.models.vae import VideoVAE
     from vdm.utils.vae_export import compute_latent_stats, export_vae
 
-    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "vae_tiny.yaml"))
+    config = OmegaConf.to_container(config_option("model", "vae_tiny").vae)
     torch.manual_seed(0)
     vae = VideoVAE(**{k: v for k, v in config.items() if k != "_target_"}).eval()
     dm = VideoDataModule(root=str(synthetic_root), num_frames=5, height=32, width=32, batch_size=4,
@@ -129,7 +84,7 @@ def vae_export_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The untrained stand-in T5 of the synthetic corpus (as stage=diffusion builds it), width 64."""
-    from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
+    from data_prep.standin_text_encoder import ensure_random_text_encoder, synthetic_vocabulary
 
     out = tmp_path_factory.mktemp("text") / "t5"
     ensure_random_text_encoder(out, kind="t5", vocab=synthetic_vocabulary(), hidden_size=64, max_length=16)
@@ -148,7 +103,7 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from data_prep.text_encoder import _tokenizer
+    from data_prep.standin_text_encoder import _tokenizer
 
     out = tmp_path_factory.mktemp("tiny_clip")
     tokenizer = _tokenizer("clip", CLIP_WORDS, max_length=16)

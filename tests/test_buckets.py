@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shards import image_item, video_item, write_corpus
+from tests.helpers.shards import image_item, video_item, write_corpus
 from vdm.data.buckets import (
     Bucket,
     BucketBatcher,

@@ -34,12 +34,13 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
     assert checkpoint_complete(path) and find_resume_checkpoint(tmp_path) == path
 
     # SIGKILL cannot clean up: the next save of the same name removes the dead process' temporary file
-    stale = path.with_name("last.ckpt.tmp99999")
+    stale = path.with_name(".last.ckpt.99999-0badf00d.tmp")
     stale.write_bytes(b"half a checkpoint")
-    (path.parent / "step0000001.ckpt.tmp99999").write_bytes(b"another name's")
+    (path.parent / ".step0000001.ckpt.99999-0badf00d.tmp").write_bytes(b"another name's")
     assert find_resume_checkpoint(tmp_path) == path
     io.save_checkpoint({"step": torch.tensor(3)}, path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "step0000001.ckpt.tmp99999"]
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == [".step0000001.ckpt.99999-0badf00d.tmp", "last.ckpt"]
     assert torch.load(path, weights_only=True)["step"] == 3
 
 

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 
-from tests.test_diffusion_module import make_module
-from tests.test_nonfinite import Snapshots, _batches
+from tests.helpers.modules import WeightSnapshots, latent_batches, make_diffusion_module
 from vdm.lightning.strategies import clip_by_norm
 
 
@@ -33,12 +32,12 @@ def test_clip_by_norm_equals_clip_grad_norm() -> None:
 
 def test_fused_adamw_clips_under_bf16_mixed(vae_export_dir, text_encoder_dir) -> None:
     # Lightning's own clip_gradients refuses a fused optimizer under any mixed precision
-    module = make_module(vae_export_dir, text_encoder_dir, fused=True, grad_clip=1e-3)
-    snapshots = Snapshots()
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir, fused=True, grad_clip=1e-3)
+    snapshots = WeightSnapshots()
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, callbacks=[snapshots],
                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(-1), batch_size=None))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(latent_batches(-1), batch_size=None))
     assert trainer.global_step == 2 and trainer.callback_metrics["train/grad_norm"] > 1e-3
     step = snapshots.weights[1] - snapshots.weights[0]
     assert torch.isfinite(step).all() and step.abs().max() > 0

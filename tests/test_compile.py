@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from tests.helpers.config import config_option
 from vdm.lightning.strategies import compile_blocks
 from vdm.models.dit import VideoDiT
 
@@ -39,7 +40,7 @@ MODEL_CASES, MODEL_IDS = [("full", False), ("factorized", True)], ["full", "fact
 
 def tiny_dit(randomize: bool = True, **overrides) -> VideoDiT:
     """The ``dit_tiny`` preset (text width ``CONTEXT_DIM``); ``randomize`` makes zero-init branches live."""
-    config = OmegaConf.to_container(OmegaConf.load(CONF_MODEL / "dit_tiny.yaml"))["dit"]
+    config = OmegaConf.to_container(config_option("model", "dit_tiny").dit)
     config = {k: v for k, v in config.items() if k != "_target_"}
     torch.manual_seed(0)
     model = VideoDiT(**{**config, "context_dim": CONTEXT_DIM, **overrides})

@@ -9,8 +9,8 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, compose_config
-from vdm.utils.config_check import ConfigError, validate_config
+from tests.helpers.config import CONF_DIR, compose_config
+from vdm.config.check import ConfigError, validate_config
 from vdm.utils.runtime import apply_auto_precision
 
 ROOT = CONF_DIR.parent
@@ -65,7 +65,7 @@ def test_instantiate_every_model(option, tmp_path, vae_export_dir):
         pytest.skip("too large to build here; its keys are checked against VideoDiT in test_dit")
     stage2 = [o.format(export=vae_export_dir) for o in STAGE2] if option.startswith("dit_") else []
     cfg = compose_config("train", [f"model={option}", *stage2], tmp_path)
-    model = hydra.utils.instantiate(cfg.model.dit if option.startswith("dit_") else cfg.model)
+    model = hydra.utils.instantiate(cfg.model.dit if option.startswith("dit_") else cfg.model.vae)
     assert isinstance(model, torch.nn.Module)
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -111,11 +111,11 @@ def test_evaluate_config_composes(tmp_path):
         (["data.batch_size=two"], r"data\.batch_size: expected int"),
         (["data.short_policy=stretch"], r"data\.short_policy"),
         (["data=shards"], r"corpus\.root"),
-        (["data.num_frames=8"], r"data\.num_frames: 8 does not fit .*4x temporal"),
-        (["data.height=60"], r"data\.height: 60 is not a multiple of .*8x"),
-        (["model.patch_size=4", "data.height=72"], r"data\.height: 72 is not a multiple of .*16x spatial"),
+        (["data.num_frames=8"], r"data\.num_frames, .* = 8, .* do not fit the VAE's 4x temporal.*got T=8"),
+        (["data.height=60"], r"do not fit the VAE's .*8x spatial compression: H must be .*got H=60"),
+        (["model.vae.patch_size=4", "data.height=72"], r"do not fit .*16x spatial compression: H .*got H=72"),
         (["optimizer.lr=-1"], r"optimizer\.lr"),
-        (["+model.latent_chanels=8"], r"model\.latent_chanels: .*did you mean 'latent_channels'"),
+        (["+model.vae.latent_chanels=8"], r"model\.vae\.latent_chanels: .*did you mean 'latent_channels'"),
         (["seed=-3"], r"seed: expected an integer >= 0"),
         (["optimizer.lr=-1e-4"], r"optimizer\.lr: expected a learning rate > 0, got -0\.0001"),
         (["data.short_policy=stretch"], r"data\.short_policy: expected one of 'skip', 'pad', 'loop'"),
@@ -150,7 +150,7 @@ def test_unknown_strategy_option_lists_the_options(tmp_path):
 
 
 def test_global_batch_size_sets_the_per_rank_batch(tmp_path):
-    from train import apply_global_batch
+    from vdm.lightning.run import apply_global_batch
 
     overrides = ["global_batch_size=12", "trainer.devices=2", "trainer.accumulate_grad_batches=3"]
     cfg = compose_config("train", overrides, tmp_path)
@@ -166,7 +166,7 @@ def test_cli_prints_composed_config_with_overrides():
     ).stdout
     cfg = OmegaConf.create(out)
     assert cfg.data.batch_size == 3
-    assert cfg.model.latent_channels == 16
+    assert cfg.model.vae.latent_channels == 16
     assert cfg.module._target_ == "vdm.lightning.vae_module.VAEModule"
 
 
@@ -186,15 +186,16 @@ def test_cli_rejects_bad_config_before_training(tmp_path):
         (["model.vae_export=/nonexistent"], r"model\.vae_export: /nonexistent is not a VAE export"),
         (["model.dit.in_channels=8"], r"model\.dit\.in_channels: 8, but the VAE export has 16"),
         (["model.dit.context_dim=32"], r"model\.dit\.context_dim: 32, but the text encoder.s width is 64"),
-        (["module.i2v_probability=0.5"], r"module\.i2v_probability: > 0 needs model\.dit\.cond_channels=17"),
-        (["data.height=36"], r"data\.height: 36 is not a multiple of the VAE's 8x spatial"),
-        (["data.num_frames=8"], r"data\.num_frames: 8 does not fit the VAE's 4x temporal"),
+        (["module.i2v_probability=0.5"],
+         r"model\.dit\.cond_channels: 0, but image-to-video \(i2v_probability > 0\) needs cond_channels=17"),
+        (["data.height=36"], r"do not fit the VAE's .*8x spatial compression: H must be .*got H=36"),
+        (["data.num_frames=8"], r"data\.num_frames, .* = 8, .* do not fit the VAE's 4x temporal"),
         (["model.dit.patch_size=[1,3,3]"],
          r"model\.dit\.patch_size: \[1, 3, 3\] does not divide the latent clip .* h in \[1, 2, 4, 8\]"),
         (["model.dit.patch_size=[2,2,2]", "data.num_frames=9"],
          r"model\.dit\.patch_size: .*\(T, H, W\) = \(3, .*t in \[1, 3\]"),
         (["model.dit.num_heads=3"],
-         r"model\.dit\.num_heads: 3 does not split .*hidden_size=\d+.* allowed: \["),
+         r"model\.dit\.num_heads: 3: hidden_size \(\d+\) must be divisible by num_heads \(3\); pick .* \["),
         (["module.ema_decay=1.5"], r"module\.ema_decay: expected a value in \[0, 1\)"),
         (["module.caption_dropout=-0.1"], r"module\.caption_dropout: expected a probability in \[0, 1\]"),
     ],

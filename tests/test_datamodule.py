@@ -16,7 +16,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tests.shards import simple_corpus
+from tests.helpers.config import config_option
+from tests.helpers.shards import simple_corpus
 from vdm.data.buckets import EmptyBucketError
 from vdm.data.datamodule import VideoDataModule
 
@@ -88,7 +89,7 @@ def test_instantiate_and_dataloaders(corpus: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
 def test_data_configs_match_constructor(name: str) -> None:
-    cfg = OmegaConf.load(CONF / "data" / f"{name}.yaml")
+    cfg = config_option("data", name)
     node = cfg.data if "data" in cfg else cfg
     target = hydra.utils.get_class(node._target_)
     assert issubclass(target, VideoDataModule)
@@ -97,7 +98,7 @@ def test_data_configs_match_constructor(name: str) -> None:
 
 
 def test_shards_yaml_instantiates(corpus: Path) -> None:
-    cfg = OmegaConf.merge({"seed": 5}, OmegaConf.load(CONF / "data" / "shards.yaml"))
+    cfg = OmegaConf.merge({"seed": 5}, config_option("data", "shards"))
     for group in [cfg, *(v for v in cfg.values() if isinstance(v, DictConfig))]:
         if "root" in group.keys() and OmegaConf.is_missing(group, "root"):
             group.root = str(corpus)

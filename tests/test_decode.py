@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.media import CODECS, encode_video, moving_square_frames, write_corrupt_files
+from tests.helpers.media import CODECS, encode_video, moving_square_frames, write_corrupt_files
 from vdm.data import decode
 from vdm.data.decode import DecodeError, DecordVideo, PyAVVideo, decode_frames, open_media
 

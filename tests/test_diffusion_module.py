@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data_prep.precompute_latents import precompute
+from tests.helpers.modules import make_diffusion_module
 from vdm.data.datamodule import VideoDataModule
 from vdm.data.latents import LatentCorpusError, LatentDataModule
 from vdm.diffusion.objectives import DDPM, RectifiedFlow
@@ -15,26 +16,6 @@ from vdm.lightning.diffusion_module import DiffusionModule, image_condition
 from vdm.models.dit import VideoDiT
 from vdm.models.text_encoder import TextEncoder
 from vdm.utils.vae_export import export_vae, load_vae_export
-
-
-def make_module(
-    export: Path, text_dir: Path, objective=None, cond_channels: int = 0, fused: bool = False, **kwargs
-) -> DiffusionModule:
-    torch.manual_seed(0)
-    dit = VideoDiT(
-        in_channels=16,
-        cond_channels=cond_channels,
-        patch_size=(1, 2, 2),
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        context_dim=64,
-    )
-    text = TextEncoder(str(text_dir), "t5", max_length=16)
-    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3, fused=fused)  # noqa: E731
-    return DiffusionModule(
-        dit, str(export), text, optimizer, objective or RectifiedFlow(), ema_decay=0.9, **kwargs
-    )
 
 
 def val_batches(module_root: Path, **kwargs) -> list[dict]:
@@ -57,7 +38,7 @@ def val_batches(module_root: Path, **kwargs) -> list[dict]:
 def test_precomputed_latents_give_the_same_loss_as_on_the_fly(
     objective, synthetic_root, vae_export_dir, text_encoder_dir, tmp_path
 ):
-    module = make_module(vae_export_dir, text_encoder_dir, objective).eval()
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir, objective).eval()
     out = tmp_path / "latents"
     manifest = precompute(
         str(synthetic_root),
@@ -115,7 +96,7 @@ def test_latent_corpus_of_another_vae_is_refused_naming_both_hashes(synthetic_ro
 
 
 def test_training_reduces_the_loss_and_ema_follows(vae_export_dir, text_encoder_dir):
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     generator = torch.Generator().manual_seed(0)
     batch = {
         "latent": torch.randn(4, 16, 2, 4, 4, generator=generator) * 0.5,
@@ -153,7 +134,9 @@ def test_image_condition_channels():
 
 
 def test_image_to_video_sampling_is_seeded_and_uses_the_image(vae_export_dir, text_encoder_dir):
-    module = make_module(vae_export_dir, text_encoder_dir, cond_channels=17, i2v_probability=0.5).eval()
+    module = make_diffusion_module(
+        vae_export_dir, text_encoder_dir, cond_channels=17, i2v_probability=0.5
+    ).eval()
     with torch.no_grad():  # a non-zero output layer, so the conditioning can show
         for p in module.ema.module.final_layer.parameters():
             p.normal_(0, 0.1)
@@ -170,7 +153,7 @@ def test_image_to_video_sampling_is_seeded_and_uses_the_image(vae_export_dir, te
 @pytest.mark.parametrize("objective", ["flow", "ddpm_eta1"])
 def test_per_video_seeds_make_samples_independent_of_their_batch(vae_export_dir, text_encoder_dir, objective):
     kwargs = {} if objective == "flow" else {"objective": DDPM(eta=1.0)}
-    module = make_module(vae_export_dir, text_encoder_dir, **kwargs).eval()
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir, **kwargs).eval()
     with torch.no_grad():  # a non-zero output layer, so the noise and the prompts show in the samples
         for p in module.ema.module.final_layer.parameters():
             p.normal_(0, 0.1)
@@ -190,18 +173,18 @@ def test_mismatched_dit_or_checkpoint_fails_with_the_fix(vae_export_dir, text_en
     text = TextEncoder(str(text_encoder_dir), "t5", max_length=16)
     optimizer = lambda params: torch.optim.AdamW(params)  # noqa: E731
     dit = VideoDiT(in_channels=8, hidden_size=32, depth=1, num_heads=2, context_dim=64)
-    with pytest.raises(ValueError, match="model.dit.in_channels=16"):
+    with pytest.raises(ValueError, match=r"model\.dit\.in_channels: 8, .*set in_channels=16"):
         DiffusionModule(dit, str(vae_export_dir), text, optimizer, RectifiedFlow())
     dit = VideoDiT(in_channels=16, hidden_size=32, depth=1, num_heads=2, context_dim=32)
-    with pytest.raises(ValueError, match="model.dit.context_dim=64"):
+    with pytest.raises(ValueError, match=r"model\.dit\.context_dim: 32, .*set context_dim=64"):
         DiffusionModule(dit, str(vae_export_dir), text, optimizer, RectifiedFlow())
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     with pytest.raises(ValueError, match="trained on VAE"):
         module.on_load_checkpoint({"vae_hash": "0" * 64, "state_dict": {}})
 
 
 def test_training_draws_follow_the_sample_not_its_batch(vae_export_dir, text_encoder_dir):
-    module = make_module(vae_export_dir, text_encoder_dir, caption_dropout=0.5)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir, caption_dropout=0.5)
     z = torch.zeros(3, 16, 2, 4, 4)
     both = module.draw(z, module.sample_generators({"key": ["a", "b", "c"]}, "train/3"))
     alone = module.draw(z[:1], module.sample_generators({"key": ["b"]}, "train/3"))
@@ -215,7 +198,7 @@ def test_training_draws_follow_the_sample_not_its_batch(vae_export_dir, text_enc
 def test_compile_blocks_in_place_keeps_parameter_names(vae_export_dir, text_encoder_dir):
     from vdm.lightning.strategies import compile_blocks
 
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     before = list(module.state_dict())
     assert compile_blocks(module.dit) == len(module.dit.blocks)
     assert all(block._compiled_call_impl is not None for block in module.dit.blocks)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.shards import video_item, write_corpus
+from tests.helpers.shards import video_item, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

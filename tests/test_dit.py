@@ -11,8 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.helpers.config import config_option
 from vdm.models.dit import VideoDiT, default_rope_axes_dim
 from vdm.models.dit_layers import RopeTables, RotaryEmbedding3d, apply_rope, context_attention_mask
+from vdm.models.flops import dit_flops
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 TINY = dict(in_channels=4, hidden_size=32, depth=2, num_heads=4, context_dim=24)
@@ -306,11 +308,21 @@ def test_forward_validation() -> None:
         model(x, t, context, mask, fps=torch.ones(2))
 
 
+def test_token_count() -> None:
+    """The model alone knows how many tokens a latent makes; a size its patches do not tile is refused."""
+    model = make_dit()
+    assert model.patch_size == (1, 2, 2)
+    assert model.token_grid((4, 16, 32)) == (4, 8, 16)
+    assert model.num_tokens((4, 16, 32)) == 4 * 8 * 16
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model.num_tokens((4, 15, 32))
+
+
 # --- FLOPs -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attention, frames", [("full", 4), ("factorized", 4), ("factorized", 1)])
-def test_flops_per_sample_matches_counted_matmuls(attention: str, frames: int) -> None:
+def test_dit_flops_match_counted_matmuls(attention: str, frames: int) -> None:
     """Linear and conv FLOPs equal torch's counter; the attention products follow the closed form."""
     model = make_dit(attention=attention, cond_channels=1, micro_conditions=["fps"])
     x, t, context, mask = inputs(model, frames=frames, batch=1, length=7)
@@ -323,7 +335,7 @@ def test_flops_per_sample_matches_counted_matmuls(attention: str, frames: int) -
     counted = counter.get_total_flops()
     counted_sdpa = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "attention" in str(k))
     expected = counted - counted_sdpa + model.depth * attention_flops
-    assert model.flops_per_sample(frames, 8, 8, length) == expected
+    assert dit_flops(model, (frames, 8, 8), length) == expected
 
 
 # --- presets -----------------------------------------------------------------------------------
@@ -332,13 +344,18 @@ def test_flops_per_sample_matches_counted_matmuls(attention: str, frames: int) -
 PRESETS = sorted(CONF_MODEL.glob("dit_*.yaml"))
 
 
+def load_preset(name: str):
+    """A model preset composed as Hydra composes it (with the shared base/dit.yaml)."""
+    return config_option("model", name)
+
+
 def test_presets_exist() -> None:
     assert {p.stem for p in PRESETS} >= {"dit_tiny", "dit_s", "dit_b", "dit_l", "dit_xl"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_keys_match_constructor(path: Path) -> None:
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)["dit"]
+    node = OmegaConf.to_container(load_preset(path.stem), resolve=True)["dit"]
     assert node.pop("_target_") == "vdm.models.dit.VideoDiT"
     parameters = set(inspect.signature(VideoDiT.__init__).parameters) - {"self"}
     assert set(node) == parameters
@@ -347,7 +364,7 @@ def test_preset_keys_match_constructor(path: Path) -> None:
 
 def test_tiny_preset_instantiates_and_runs() -> None:
     torch.manual_seed(0)
-    model = hydra.utils.instantiate(OmegaConf.load(CONF_MODEL / "dit_tiny.yaml").dit)
+    model = hydra.utils.instantiate(load_preset("dit_tiny").dit)
     assert isinstance(model, VideoDiT)
     x = torch.randn(1, 16, 4, 8, 8)
     out = model(x, torch.rand(1), torch.randn(1, 5, model.context_dim), torch.ones(1, 5, dtype=torch.bool))
@@ -355,7 +372,7 @@ def test_tiny_preset_instantiates_and_runs() -> None:
 
 
 def test_small_preset_builds_with_dit_s_size() -> None:
-    model = hydra.utils.instantiate(OmegaConf.load(CONF_MODEL / "dit_s.yaml").dit)
+    model = hydra.utils.instantiate(load_preset("dit_s").dit)
     assert (model.hidden_size, model.depth, model.num_heads) == (384, 12, 6)
     # DiT-S/2 has 33M parameters; cross-attention (7M) and the 4096-d text projection (1.7M) add ~8.7M
     assert 38e6 < model.num_params() < 45e6

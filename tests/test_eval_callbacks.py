@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_diffusion_module import make_module
+from tests.helpers.modules import make_diffusion_module
 from vdm.data.datamodule import VideoDataModule
 from vdm.eval.prompts import PromptSpec, video_seed
 from vdm.eval.text_to_video import fvd_protocol, real_videos, reference_statistics
@@ -41,7 +41,7 @@ def _trainer(rank: int = 0, world: int = 1, datamodule=None, barrier=lambda name
 
 def _module(vae_export_dir: Path, text_encoder_dir: Path):
     torch.manual_seed(0)
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     with torch.no_grad():  # a non-zero output layer, so the prompts matter
         for p in module.ema.module.final_layer.parameters():
             p.normal_(0, 0.1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluate import evaluate
-from tests.conftest import TINY_CALLBACKS, TINY_RUN, TINY_SYNTHETIC
+from tests.helpers.config import TINY_CALLBACKS, TINY_RUN, TINY_SYNTHETIC
 from vdm.utils.checkpoints import main as export_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_diffusion_module import make_module
+from tests.helpers.modules import make_diffusion_module
 from vdm.eval.generation import generate_videos, read_video, write_metrics
 from vdm.eval.prompts import PromptSpec, read_prompts, video_seed
 from vdm.utils.checkpoints import checkpoint_hash
@@ -89,7 +89,7 @@ def test_checkpoint_hash_file_and_directory(tmp_path: Path) -> None:
 def test_generation_is_resumable_and_deterministic(
     vae_export_dir: Path, text_encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     prompts = [PromptSpec("a red ball"), PromptSpec("a blue cube", seed=11)]
     records = generate_videos(module, prompts, tmp_path, **GEN_KWARGS)
     names = sorted(p.name for p in (tmp_path / "videos").iterdir())

@@ -1,4 +1,4 @@
-"""Tests for the analytic FLOP counts of vdm.utils.flops against torch's FlopCounterMode.
+"""Tests for the analytic FLOP counts of vdm.models.flops against torch's FlopCounterMode.
 
 FlopCounterMode counts the aten matmuls and convolutions a pass actually dispatches, so the
 analytic forward must equal it exactly (no padding), and so must the training count with
@@ -16,14 +16,14 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.helpers.config import config_option
 from vdm.models.dit import VideoDiT
+from vdm.models.flops import dit_flops, dit_flops_breakdown, vae_flops
 from vdm.models.vae import VideoVAE
-from vdm.utils.flops import dit_flops, dit_flops_breakdown, token_grid, tokens_per_sample, vae_flops
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 CONTEXT_DIM = 128  # the presets interpolate it from the text encoder's config
@@ -32,7 +32,7 @@ TOLERANCE = 0.02
 
 def build_dit(preset: str, **overrides: object) -> VideoDiT:
     """A DiT preset with random (seeded) weights; no checkpointing (recomputation is not counted)."""
-    node = OmegaConf.load(CONF_MODEL / f"{preset}.yaml").dit
+    node = config_option("model", preset).dit
     node.context_dim = CONTEXT_DIM
     node.gradient_checkpointing = False
     for key, value in overrides.items():
@@ -43,7 +43,7 @@ def build_dit(preset: str, **overrides: object) -> VideoDiT:
 
 def build_vae(preset: str) -> VideoVAE:
     """A VAE preset with its own init (seeded), without checkpointing."""
-    node = OmegaConf.load(CONF_MODEL / f"{preset}.yaml")
+    node = config_option("model", preset).vae
     node.gradient_checkpointing = False
     torch.manual_seed(0)
     return hydra.utils.instantiate(node)
@@ -151,7 +151,7 @@ def test_dit_counts_real_text_tokens_not_padding(dits) -> None:
     mask[:, real:] = False
     counted_forward, _ = measure(lambda: model(x, t, context, mask))
     assert dit_flops(model, latent, length) == counted_forward
-    d, pad, tokens = model.hidden_size, length - real, tokens_per_sample(model, latent)
+    d, pad, tokens = model.hidden_size, length - real, model.num_tokens(latent)
     caption_projection = 2 * pad * (CONTEXT_DIM * d + d * d)
     per_block = 2 * pad * d * 2 * d + 4 * d * tokens * pad  # k/v projections, scores and values
     assert counted_forward - dit_flops(model, latent, real) == caption_projection + model.depth * per_block
@@ -160,13 +160,13 @@ def test_dit_counts_real_text_tokens_not_padding(dits) -> None:
 # --- DiT closed forms --------------------------------------------------------------------------
 
 
-def test_tokens_per_sample_and_validation() -> None:
+def test_tokens_and_validation() -> None:
     with torch.device("meta"):
         model = build_dit("dit_b", patch_size=[2, 2, 2])
-    assert token_grid(model, (4, 8, 12)) == (2, 4, 6)
-    assert tokens_per_sample(model, (16, 60, 104)) == 8 * 30 * 52
-    with pytest.raises(ValueError, match="divisible by the DiT's patch_size"):
-        tokens_per_sample(model, (3, 8, 8))
+    assert model.token_grid((4, 8, 12)) == (2, 4, 6)
+    assert model.num_tokens((16, 60, 104)) == 8 * 30 * 52
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        dit_flops(model, (3, 8, 8), 0)
     with pytest.raises(ValueError, match="context_len"):
         dit_flops(model, (4, 8, 8), -1)
 

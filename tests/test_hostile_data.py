@@ -35,7 +35,7 @@ import webdataset as wds
 
 from data_prep import make_shards as ms
 from data_prep.shard_writer import sample_key
-from tests.media import moving_square_frames
+from tests.helpers.media import moving_square_frames
 from vdm.data.buckets import Bucket
 from vdm.data.clips import ClipSpec, ClipTooShortError, clip_indices_by_time
 from vdm.data.datamodule import VideoDataModule

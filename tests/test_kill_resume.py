@@ -20,7 +20,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_SYNTHETIC
+from tests.helpers.config import TINY_SYNTHETIC
 from vdm.utils.resume import checkpoint_complete
 
 ROOT = Path(__file__).resolve().parents[1]

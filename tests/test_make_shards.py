@@ -19,7 +19,7 @@ import webdataset as wds
 
 from data_prep import make_shards as ms
 from data_prep.shard_writer import ShardSink
-from tests.media import write_corrupt_files, write_image, write_video
+from tests.helpers.media import write_corrupt_files, write_image, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 

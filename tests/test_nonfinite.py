@@ -8,45 +8,31 @@ import lightning as L
 import pytest
 import torch
 
-from tests.test_diffusion_module import make_module
+from tests.helpers.modules import (
+    ClipData,
+    WeightSnapshots,
+    clips,
+    latent_batches,
+    make_diffusion_module,
+    make_vae_module,
+)
 from vdm.lightning.nonfinite import NonFiniteError
 
 
-def _batches(bad_step: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for step in range(4):
-        latent = torch.randn(2, 16, 2, 4, 4, generator=gen)
-        keys = [f"s{step}-{i}" for i in range(2)]
-        if step == bad_step:
-            latent[1, 0, 0, 0, 0] = float("nan")
-            keys = [f"ok-{step}", f"bad-{step}"]
-        out.append({"latent": latent, "caption": ["a red ball", "a blue cube"], "key": keys,
-                    "meta": [{}, {}]})
-    return out
-
-
-class Snapshots(L.Callback):
-    def __init__(self) -> None:
-        self.weights: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        self.weights.append(torch.cat([p.detach().flatten().clone() for p in pl_module.dit.parameters()]))
-
-
-def _fit(module, tmp_path: Path, bad_step: int) -> tuple[L.Trainer, Snapshots]:
-    snapshots = Snapshots()
+def _fit(module, tmp_path: Path, bad_step: int) -> tuple[L.Trainer, WeightSnapshots]:
+    snapshots = WeightSnapshots()
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
                                                       filename="step{step}", auto_insert_metric_name=False)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
                         callbacks=[snapshots, checkpoints], num_sanity_val_steps=0, limit_val_batches=0)
     # batch_size=None: every item is already a batch
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(bad_step), batch_size=None))
+    batches = torch.utils.data.DataLoader(latent_batches(bad_step), batch_size=None)
+    trainer.fit(module, train_dataloaders=batches)
     return trainer, snapshots
 
 
 def test_stop_raises_before_the_update_and_names_the_samples(vae_export_dir, text_encoder_dir, tmp_path):
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 2; batch samples: ok-2, bad-2"):
         _fit(module, tmp_path, bad_step=2)
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
@@ -56,7 +42,7 @@ def test_stop_raises_before_the_update_and_names_the_samples(vae_export_dir, tex
 
 def test_skip_leaves_the_weights_of_the_bad_step_unchanged(vae_export_dir, text_encoder_dir, tmp_path,
                                                             caplog):
-    module = make_module(vae_export_dir, text_encoder_dir, nonfinite="skip")
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir, nonfinite="skip")
     trainer, snapshots = _fit(module, tmp_path, bad_step=2)
     assert trainer.global_step == 4 and "bad-2" in caplog.text
     w = snapshots.weights
@@ -66,13 +52,10 @@ def test_skip_leaves_the_weights_of_the_bad_step_unchanged(vae_export_dir, text_
 
 def test_unknown_policy_is_refused(vae_export_dir, text_encoder_dir):
     with pytest.raises(ValueError, match="module.nonfinite must be one of stop, skip"):
-        make_module(vae_export_dir, text_encoder_dir, nonfinite="ignore")
+        make_diffusion_module(vae_export_dir, text_encoder_dir, nonfinite="ignore")
 
 
 def test_stage_one_stops_or_skips_a_nan_batch(tmp_path):
-    from tests.test_vae_module import ClipData, clips
-    from tests.test_vae_module import make_module as make_vae_module
-
     videos = clips()
     videos[0, 0, 0, 0, 0] = float("nan")
     data = ClipData(videos, 2)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.shards import corrupt_item, simple_corpus, video_item, write_corpus
+from tests.helpers.shards import corrupt_item, simple_corpus, video_item, write_corpus
 from vdm.data.buckets import Bucket
 from vdm.data.clips import ClipSpec
 from vdm.data.loader import VideoLoader

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.media import (
+from tests.helpers.media import (
     CODECS,
     encode_video,
     moving_square_frames,

@@ -46,7 +46,7 @@ def test_deepspeed_directory_complete_only_with_its_tag(tmp_path: Path) -> None:
 def test_same_command_again_resumes_automatically(tiny_train_cfg, caplog) -> None:
     overrides = ["ckpt_path=auto", "validate=false", "callbacks.vae_export=null"]
     first = tiny_train_cfg(*overrides, "trainer.max_steps=4")
-    with caplog.at_level(logging.INFO, logger="vdm.train"):
+    with caplog.at_level(logging.INFO, logger="vdm"):  # vdm.train and the run setup (vdm.lightning.run)
         train(first)
         assert "resuming from" not in caplog.text  # a new run directory: nothing to resume
         train(tiny_train_cfg(*overrides, "trainer.max_steps=8"))
@@ -59,7 +59,7 @@ def test_same_command_again_resumes_automatically(tiny_train_cfg, caplog) -> Non
 def test_an_explicit_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from train import resume_path
+    from vdm.lightning.run import resume_path
 
     run = tmp_path / "run"
     good = _save(run / "checkpoints" / "step0000100.ckpt", 100, 1_000_000_000)

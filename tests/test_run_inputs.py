@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vdm.utils.config_rules import ConfigError
+from vdm.config.rules import ConfigError
 from vdm.utils.runtime import cpu_has_native_bf16, resolve_precision
 from vdm.utils.vae_export import ExportError, resolve_vae_export
 
@@ -45,7 +45,7 @@ def test_vae_export_by_path_run_dir_run_name_and_latest(tmp_path: Path, vae_expo
 def test_stage2_run_takes_the_newest_export_and_says_so(
     tiny_train_cfg, tmp_path: Path, vae_export_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from train import resolve_run_inputs
+    from vdm.lightning.run import resolve_run_inputs
 
     export = _copy_export(vae_export_dir, tmp_path / "logs" / "train" / "runs" / "stage1")
     cfg = tiny_train_cfg("stage=diffusion", "model.vae_export=latest")
@@ -60,7 +60,7 @@ def test_stage2_run_takes_the_newest_export_and_says_so(
 
 
 def test_latest_without_any_export_fails_before_training(tiny_train_cfg) -> None:
-    from train import resolve_run_inputs
+    from vdm.lightning.run import resolve_run_inputs
 
     cfg = tiny_train_cfg("stage=diffusion", "model.vae_export=latest")
     with pytest.raises(ConfigError, match="no VAE export under"):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.shards import corrupt_item, video_item, write_corpus
+from tests.helpers.shards import corrupt_item, video_item, write_corpus
 from vdm.data.buckets import Bucket
 from vdm.data.clips import ClipSpec
 from vdm.data.loader import DataResumeError, VideoLoader

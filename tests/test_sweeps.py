@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_RUN, TINY_SYNTHETIC
+from tests.helpers.config import TINY_RUN, TINY_SYNTHETIC
 from vdm.utils.sweeps import collect, main, rank, write_tables
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from tests.test_diffusion_module import make_module
+from tests.helpers.modules import latent_batches, make_diffusion_module
 from vdm.lightning.throughput import ThroughputMonitor
-from vdm.utils.flops import dit_flops, tokens_per_sample
+from vdm.models.flops import dit_flops
 from vdm.utils.perf import compute_dtype, measured_matmul_flops, peak_flops, table_peak_flops
 
 
@@ -62,13 +62,13 @@ def test_window_rates_mfu_and_data_wait(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_batch_work_reads_shapes_only(vae_export_dir, text_encoder_dir) -> None:
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     # meta tensors have shapes but no values: reading one would fail, so nothing can sync either
     batch = {"video": torch.empty(3, 3, 5, 32, 32, device="meta"), "caption": ["a"] * 3}
     samples, tokens, flops = module.batch_work(batch)
     length = module.text_encoder.max_length
     assert samples == 3
-    assert tokens == 3 * tokens_per_sample(module.dit, (2, 4, 4))
+    assert tokens == 3 * module.dit.num_tokens((2, 4, 4))
     assert flops == 3 * dit_flops(module.dit, (2, 4, 4), length, training=True)
     latents = {"latent": torch.empty(2, 16, 2, 4, 4, device="meta"),
                "text": torch.empty(2, 7, 64, device="meta")}
@@ -87,9 +87,7 @@ def test_peaks() -> None:
 
 
 def test_logged_in_a_fit(vae_export_dir, text_encoder_dir, tmp_path) -> None:
-    from tests.test_nonfinite import _batches
-
-    module = make_module(vae_export_dir, text_encoder_dir)
+    module = make_diffusion_module(vae_export_dir, text_encoder_dir)
     logged: list[dict[str, float]] = []
 
     class Keep(L.Callback):
@@ -99,10 +97,10 @@ def test_logged_in_a_fit(vae_export_dir, text_encoder_dir, tmp_path) -> None:
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[ThroughputMonitor(every_n_steps=2, skip_first=1), Keep()])
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(-1), batch_size=None))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(latent_batches(-1), batch_size=None))
     final = logged[-1]
     assert set(final) == {"perf/samples_per_s", "perf/step_s", "perf/data_wait", "perf/tokens_per_s",
                           "perf/tflops", "perf/mfu"}
     assert 0 < final["perf/mfu"] < 1 and 0 <= final["perf/data_wait"] < 1
-    assert final["perf/tokens_per_s"] == pytest.approx(final["perf/samples_per_s"] * tokens_per_sample(
-        module.dit, (2, 4, 4)))
+    tokens_per_sample = module.dit.num_tokens((2, 4, 4))
+    assert final["perf/tokens_per_s"] == pytest.approx(final["perf/samples_per_s"] * tokens_per_sample)

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from evaluate import evaluate
-from tests.conftest import CONF_DIR
+from tests.helpers.config import CONF_DIR
 from train import train
 
 
@@ -31,7 +31,7 @@ def test_train_writes_config_checkpoints_and_metrics(tiny_train_cfg):
     assert {p.name for p in ckpts} >= {"last.ckpt", "step0000004.ckpt", "step0000008.ckpt"}
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8
-    assert ckpt["vdm_config"]["model"]["_target_"] == "vdm.models.vae.VideoVAE"
+    assert ckpt["vdm_config"]["model"]["vae"]["_target_"] == "vdm.models.vae.VideoVAE"
     assert ckpt["vdm_config"]["data"]["num_frames"] == 5
 
 
@@ -40,9 +40,9 @@ def test_evaluate_reports_metrics_of_a_checkpoint(tiny_train_cfg, tmp_path):
     train(train_cfg)
     ckpt = Path(train_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     # the checkpoint's stored model config wins over a different model= choice
-    cfg = tiny_train_cfg(f"ckpt_path={ckpt}", "model.base_channels=32", config_name="evaluate")
+    cfg = tiny_train_cfg(f"ckpt_path={ckpt}", "model.vae.base_channels=32", config_name="evaluate")
     metrics = evaluate(cfg)
-    assert cfg.model.base_channels == 16
+    assert cfg.model.vae.base_channels == 16
     assert metrics["val/psnr"] > 0
     assert (Path(cfg.paths.output_dir) / "metrics.json").exists()
 
@@ -67,7 +67,7 @@ def test_every_experiment_fast_dev_run(tiny_train_cfg, experiment, vae_export_di
 
 
 def test_corrupt_samples_are_skipped_counted_and_logged(tiny_train_cfg, tmp_path):
-    from tests.shards import corrupt_item, video_item, write_corpus
+    from tests.helpers.shards import corrupt_item, video_item, write_corpus
 
     good = [video_item(f"ok-{i}.mp4", frames=9, seed=i) for i in range(7)]
     write_corpus(tmp_path / "corpus", {"train": [good + [corrupt_item("bad.mp4")]], "val": [good[:2]]})
@@ -86,7 +86,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tiny_train_cfg, tmp_path
 
 
 def test_skip_rate_above_the_limit_stops_training(tiny_train_cfg, tmp_path):
-    from tests.shards import corrupt_item, video_item, write_corpus
+    from tests.helpers.shards import corrupt_item, video_item, write_corpus
 
     items = [video_item("ok.mp4", frames=9)] + [corrupt_item(f"bad-{i}.mp4") for i in range(5)]
     write_corpus(tmp_path / "corpus", {"train": [items], "val": [items[:1]]})
@@ -136,7 +136,7 @@ def test_diffusion_stage_trains_samples_and_resumes_with_its_ema(tiny_train_cfg,
 
 def test_diffusion_on_precomputed_latents_and_text(tiny_train_cfg, vae_export_dir, synthetic_root, tmp_path):
     from data_prep.precompute_latents import precompute
-    from data_prep.text_encoder import ensure_random_text_encoder, synthetic_vocabulary
+    from data_prep.standin_text_encoder import ensure_random_text_encoder, synthetic_vocabulary
     from vdm.models.text_encoder import TextEncoder
 
     text_dir = ensure_random_text_encoder(
@@ -256,12 +256,12 @@ def test_training_hooks_log_clip_score_fvd_and_reconstruction_fvd(
     logged = next(Path(cfg.paths.output_dir).rglob("metrics.csv")).read_text()
     assert "val/fvd" in logged.splitlines()[0] and "val/clip_score" in logged.splitlines()[0]
 
-    metrics = train(tiny_train_cfg(*hooks, "model.base_channels=32"))  # stage 1
+    metrics = train(tiny_train_cfg(*hooks, "model.vae.base_channels=32"))  # stage 1
     assert metrics["val/rfvd"] > 0
 
 
 def test_metric_weights_are_checked_before_training(tiny_train_cfg, tmp_path):
-    from vdm.utils.config_check import ConfigError
+    from vdm.config.check import ConfigError
 
     with pytest.raises(ConfigError, match="metrics.i3d_path: .*missing.pt does not exist"):
         train(tiny_train_cfg(f"metrics.i3d_path={tmp_path / 'missing.pt'}"))

@@ -3,61 +3,18 @@
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
+from tests.helpers.modules import ClipData, clips, make_vae_module
 from vdm.lightning.callbacks import VAEExportCallback
 from vdm.lightning.vae_module import VAEModule
-from vdm.models.discriminator import PatchDiscriminator3d
 from vdm.models.lpips import LPIPS
-from vdm.models.vae import VideoVAE
 from vdm.utils.vae_export import ExportError, load_vae_export
-
-VAE_ARGS = {"latent_channels": 4, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
-            "temporal_downsample": [True]}
-
-
-def clips(n: int = 4, seed: int = 0) -> torch.Tensor:
-    """(n, 3, 5, 32, 32) smooth moving gradients in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0, 1, 5).view(1, 1, 5, 1, 1)
-    yy = torch.linspace(-1, 1, 32).view(1, 1, 1, 32, 1)
-    xx = torch.linspace(-1, 1, 32).view(1, 1, 1, 1, 32)
-    phase = torch.rand(n, 3, 1, 1, 1, generator=g) * 6
-    return torch.sin(3 * xx + 2 * yy + phase + 2 * t).clamp(-1, 1)
-
-
-class ClipData(L.LightningDataModule):
-    def __init__(self, videos: torch.Tensor, steps: int) -> None:
-        super().__init__()
-        self.videos, self.steps = videos, steps
-
-    def _batches(self, n: int) -> DataLoader:
-        meta = [{"pad": False}] * len(self.videos)
-        return DataLoader([{"video": self.videos, "meta": meta}] * n, batch_size=None, collate_fn=lambda b: b)
-
-    def train_dataloader(self):
-        return self._batches(self.steps)
-
-    def val_dataloader(self):
-        return self._batches(1)
-
-
-def make_module(**kwargs) -> VAEModule:
-    torch.manual_seed(0)
-    defaults = {"discriminator": PatchDiscriminator3d(base_channels=8, num_layers=2, norm_groups=8),
-                "disc_optimizer": functools.partial(torch.optim.Adam, lr=1e-3),
-                "disc_start_step": 0, "warmup_steps": 0}
-    optimizer = functools.partial(torch.optim.Adam, lr=2e-3)
-    module = VAEModule(VideoVAE(**VAE_ARGS), optimizer, **{**defaults, **kwargs})
-    module.run_config = {"model": {"_target_": "vdm.models.vae.VideoVAE", **VAE_ARGS}}
-    return module
 
 
 def fit(module: VAEModule, steps: int, tmp_path: Path, callbacks=()) -> L.Trainer:
@@ -69,7 +26,7 @@ def fit(module: VAEModule, steps: int, tmp_path: Path, callbacks=()) -> L.Traine
 
 
 def test_generator_and_discriminator_both_update(tmp_path):
-    module = make_module()
+    module = make_vae_module()
     before_g = copy.deepcopy(module.model.state_dict())
     before_d = copy.deepcopy(module.discriminator.state_dict())
     trainer = fit(module, 3, tmp_path)
@@ -81,7 +38,7 @@ def test_generator_and_discriminator_both_update(tmp_path):
 
 
 def test_discriminator_waits_for_its_start_step(tmp_path):
-    module = make_module(disc_start_step=10)
+    module = make_vae_module(disc_start_step=10)
     before_d = copy.deepcopy(module.discriminator.state_dict())
     trainer = fit(module, 3, tmp_path)
     assert all(torch.equal(v, module.discriminator.state_dict()[k]) for k, v in before_d.items())
@@ -89,7 +46,7 @@ def test_discriminator_waits_for_its_start_step(tmp_path):
 
 
 def test_discriminator_schedule_starts_with_its_first_step(tmp_path):
-    module = make_module(disc_start_step=3, warmup_steps=4)
+    module = make_vae_module(disc_start_step=3, warmup_steps=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
         trainer = fit(module, 5, tmp_path)
@@ -100,7 +57,7 @@ def test_discriminator_schedule_starts_with_its_first_step(tmp_path):
 
 
 def test_short_run_reduces_reconstruction_loss(tmp_path):
-    module = make_module(discriminator=None, disc_optimizer=None)
+    module = make_vae_module(discriminator=None, disc_optimizer=None)
     x = clips()
     with torch.no_grad():
         start = (module.model(x, sample_posterior=False)[0] - x).abs().mean()
@@ -111,7 +68,7 @@ def test_short_run_reduces_reconstruction_loss(tmp_path):
 
 
 def test_lpips_is_used_but_not_stored_in_checkpoints(tmp_path):
-    module = make_module(perceptual=LPIPS())
+    module = make_vae_module(perceptual=LPIPS())
     trainer = fit(module, 2, tmp_path)
     assert trainer.callback_metrics["train/lpips"] > 0
     path = tmp_path / "m.ckpt"
@@ -119,7 +76,7 @@ def test_lpips_is_used_but_not_stored_in_checkpoints(tmp_path):
     state = torch.load(path, weights_only=True)["state_dict"]
     assert not any(k.startswith("perceptual.") for k in state)
     assert any(k.startswith("discriminator.") for k in state)
-    restored = make_module(perceptual=LPIPS())
+    restored = make_vae_module(perceptual=LPIPS())
     restored.on_load_checkpoint(ckpt := torch.load(path, weights_only=True))
     restored.load_state_dict(ckpt["state_dict"], strict=True)
 
@@ -127,7 +84,7 @@ def test_lpips_is_used_but_not_stored_in_checkpoints(tmp_path):
 @pytest.mark.gpu
 def test_fp16_with_discriminator_is_refused(tmp_path):
     # on CPU Lightning turns 16-mixed into bf16-mixed, so only a GPU can exercise this
-    module = make_module()
+    module = make_vae_module()
     trainer = L.Trainer(max_steps=1, accelerator="gpu", devices=1, precision="16-mixed", logger=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="bf16-mixed or 32-true"):
@@ -135,7 +92,7 @@ def test_fp16_with_discriminator_is_refused(tmp_path):
 
 
 def test_export_then_load_reproduces_latents(tmp_path):
-    module = make_module(discriminator=None, disc_optimizer=None)
+    module = make_vae_module(discriminator=None, disc_optimizer=None)
     export_dir = tmp_path / "export"
     fit(module, 2, tmp_path, callbacks=[VAEExportCallback(str(export_dir), num_clips=4)])
     loaded = load_vae_export(export_dir)

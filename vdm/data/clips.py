@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vdm.utils.frames import uint8_to_float
+
 ShortPolicy = Literal["skip", "pad", "loop"]
 StartMode = Literal["random", "center"]
 SHORT_POLICIES: tuple[str, ...] = ("skip", "pad", "loop")
@@ -259,9 +261,7 @@ def to_unit_range(frames: torch.Tensor, out: torch.Tensor | None = None) -> torc
             f"out must be (3, {num}, {height}, {width}) float32, got {tuple(out.shape)} {out.dtype}"
         )
     for t in range(num):
-        chunk = out[:, t]
-        chunk.copy_(frames[t])
-        chunk.div_(127.5).sub_(1.0)
+        uint8_to_float(frames[t], out=out[:, t])
     return out
 
 

@@ -17,16 +17,6 @@ def normalize_ext(ext: str) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def is_video_ext(ext: str) -> bool:
-    """True for a video container extension (with or without a dot, any case)."""
-    return normalize_ext(ext) in VIDEO_EXTS
-
-
-def is_image_ext(ext: str) -> bool:
-    """True for an image extension (with or without a dot, any case)."""
-    return normalize_ext(ext) in IMAGE_EXTS
-
-
 def media_key(sample: Mapping[str, Any]) -> str:
     """Return the key of a webdataset sample that holds its media (e.g. "mp4" or "jpg").
 

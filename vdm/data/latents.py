@@ -30,12 +30,10 @@ import torch
 from vdm.data.buckets import Bucket
 from vdm.data.datamodule import VideoDataModule
 from vdm.data.pipeline import Mode, VideoDataset
-from vdm.data.samples import SampleError, _new_batch
+from vdm.data.samples import SampleError, new_batch
 from vdm.data.shards import load_manifest
 
 logger = logging.getLogger(__name__)
-
-LATENT_MEMBERS = ("latent.npy", "text.npy", "mask.npy")
 
 
 class LatentCorpusError(ValueError):
@@ -122,7 +120,7 @@ def collate_latents(items: Sequence[LatentClip]) -> dict[str, Any]:
     if not items:
         raise ValueError("cannot collate an empty list of latent clips")
     shape = tuple(items[0].latent.shape)
-    latent = _new_batch((len(items), *shape), torch.float32)
+    latent = new_batch((len(items), *shape), torch.float32)
     for i, item in enumerate(items):
         if tuple(item.latent.shape) != shape:
             raise ValueError(f"latent {item.key} has shape {tuple(item.latent.shape)}, batch needs {shape}")
@@ -157,7 +155,7 @@ class LatentDataset(VideoDataset):
     def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> LatentClip:
         return decode_latent_sample(sample, self.expected_hash)
 
-    def _collate(self, items: Sequence[Any]) -> dict[str, Any]:
+    def collate(self, items: Sequence[Any]) -> dict[str, Any]:
         return collate_latents(items)
 
 

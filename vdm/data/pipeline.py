@@ -45,9 +45,10 @@ from vdm.data.buckets import Bucket, BucketBatcher
 from vdm.data.clips import ClipSpec
 from vdm.data.decode import BACKENDS, Backend
 from vdm.data.samples import SKIPPABLE, Clip, collate_clips, decode_clip
-from vdm.data.shards import SHARD_ERRORS, derive_seed, dist_info, expand_shards, iter_shard, worker_info
+from vdm.data.shards import SHARD_ERRORS, dist_info, expand_shards, iter_shard, worker_info
 from vdm.data.skips import SharedSkipCounters, SkipStats, skip_reason
 from vdm.data.stream import TrainStream
+from vdm.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class VideoDataset(IterableDataset):
             sample, self.clip, self.buckets, rng=rng, backend=self.backend, decode_threads=self.decode_threads
         )
 
-    def _collate(self, items: Sequence[Any]) -> dict[str, Any]:
+    def collate(self, items: Sequence[Any]) -> dict[str, Any]:
         """Decoded items of one bucket -> a batch."""
         return collate_clips(items, self.video_dtype)
 
@@ -255,14 +256,14 @@ class VideoDataset(IterableDataset):
         for clip in clips:
             full = batcher.add(clip.bucket, clip)
             if full is not None:
-                yield self._collate(full)
+                yield self.collate(full)
         if flush:
             for _, items in batcher.flush():
                 if pad:
                     items = items + [
                         items[i % len(items)].padded_copy() for i in range(self.batch_size - len(items))
                     ]
-                yield self._collate(items)
+                yield self.collate(items)
 
     def _exact_target(self, world: int, worker: int, num_workers: int) -> int | None:
         """Batches this slot must yield in exact mode; None when no padding is needed (one rank)."""
@@ -315,5 +316,5 @@ class VideoDataset(IterableDataset):
                 clip = self._decode(raw, rng)
             except SKIPPABLE:
                 continue
-            return self._collate([clip.padded_copy() for _ in range(self.batch_size)])
+            return self.collate([clip.padded_copy() for _ in range(self.batch_size)])
         raise RuntimeError(f"no decodable sample in shards {self.urls[:3]}... to pad exact-mode batches with")

@@ -34,6 +34,7 @@ from vdm.data.clips import (
 )
 from vdm.data.decode import Backend, DecodeError, MediaInfo, open_media
 from vdm.data.formats import media_key
+from vdm.utils.frames import uint8_to_float
 
 
 class SampleError(ValueError):
@@ -185,7 +186,7 @@ def decode_clip(
     return Clip(Bucket(bucket.height, bucket.width, clip_frames.shape[0]), clip_frames, caption, key, meta)
 
 
-def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Uninitialised batch tensor, in shared memory inside a DataLoader worker (sent without a copy)."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
@@ -204,7 +205,7 @@ def collate_clips(clips: Sequence[Clip], video_dtype: torch.dtype = torch.float3
     if video_dtype not in (torch.float32, torch.uint8):
         raise ValueError(f"video_dtype must be torch.float32 or torch.uint8, got {video_dtype}")
     num, _, height, width = clips[0].frames.shape
-    video = _new_batch((len(clips), 3, num, height, width), video_dtype)
+    video = new_batch((len(clips), 3, num, height, width), video_dtype)
     for i, clip in enumerate(clips):
         if tuple(clip.frames.shape) != (num, 3, height, width):
             raise ValueError(
@@ -227,4 +228,4 @@ def batch_to_float(batch: dict[str, Any]) -> dict[str, Any]:
     video = batch["video"]
     if video.dtype != torch.uint8:
         return batch
-    return {**batch, "video": video.to(torch.float32).div_(127.5).sub_(1.0)}
+    return {**batch, "video": uint8_to_float(video)}

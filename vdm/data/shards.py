@@ -9,7 +9,6 @@ local globs (sorted); a local spec matching nothing is an error naming it.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -120,12 +119,6 @@ def worker_info() -> tuple[int, int]:
     """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from parts (the same in every process and Python run)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 SHARD_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, tarfile.TarError)

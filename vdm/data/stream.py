@@ -22,19 +22,43 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from vdm.data.buckets import BucketBatcher
-from vdm.data.shards import SHARD_ERRORS, derive_seed, iter_shard
+from vdm.data.shards import SHARD_ERRORS, iter_shard
 from vdm.data.skips import SkipStats
-
-if TYPE_CHECKING:
-    from vdm.data.pipeline import VideoDataset
+from vdm.utils.seeding import derive_seed
 
 Pos = tuple[int, int, int]
 Snapshot = dict[str, Any]
+
+
+class StreamSource(Protocol):
+    """What a stream reads from (``vdm.data.pipeline.VideoDataset`` and its subclasses)."""
+
+    urls: list[str]
+    seed: int
+    batch_size: int
+    shuffle_buffer: int
+    resampled: bool
+
+    def read_shard(
+        self, url: str, stats: SkipStats, slot: int | None = None, skip: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard from sample index ``skip``."""
+        ...
+
+    def decode_counted(
+        self, sample: dict[str, Any], rng: np.random.Generator, stats: SkipStats, slot: int
+    ) -> Any | None:
+        """One raw sample decoded (None when skipped), the outcome counted for ``slot``."""
+        ...
+
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        """Decoded items of one bucket -> a batch."""
+        ...
 
 
 class StreamRestoreError(RuntimeError):
@@ -46,7 +70,7 @@ class TrainStream:
 
     def __init__(
         self,
-        dataset: VideoDataset,
+        dataset: StreamSource,
         *,
         slot: int,
         slots: int,
@@ -203,6 +227,6 @@ class TrainStream:
             if full is None:
                 continue
             self.emitted += 1
-            yield self.ds._collate([c for _, c in full]), self.snapshot()
+            yield self.ds.collate([c for _, c in full]), self.snapshot()
             if self.emitted >= count:
                 return

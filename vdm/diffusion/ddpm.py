@@ -103,10 +103,6 @@ class DDPMSchedule:
             self._copies[key] = self.alphas_cumprod.to(device)
         return self._copies[key]
 
-    def to(self, device: torch.device | str) -> DDPMSchedule:
-        """A copy with ``alphas_cumprod`` on ``device`` (avoids a host copy per gather on GPU)."""
-        return dataclasses.replace(self, alphas_cumprod=self.alphas_cumprod.to(device))
-
 
 def make_ddpm_schedule(
     kind: BetaSchedule = "scaled_linear",

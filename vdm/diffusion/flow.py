@@ -70,18 +70,11 @@ def shift_for_num_tokens(num_tokens: int, base_num_tokens: int = 256, base_shift
     latents in 2x2 patches). The square root grows gently with clip length, unlike Flux's log-shift
     that is linear in the token count and so extrapolates exponentially for long videos.
 
-    ``num_tokens`` counts the transformer's tokens, e.g. :func:`num_latent_tokens`.
+    ``num_tokens`` counts the transformer's tokens (``VideoDiT.num_tokens``).
     """
     if num_tokens < 1 or base_num_tokens < 1:
         raise ValueError(f"token counts must be >= 1, got {num_tokens} and {base_num_tokens}")
     return base_shift * math.sqrt(num_tokens / base_num_tokens)
-
-
-def num_latent_tokens(latent_thw: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
-    """Number of DiT tokens of a latent video (T, H, W) cut into (pt, ph, pw) patches."""
-    if any(size % patch != 0 for size, patch in zip(latent_thw, patch_size, strict=True)):
-        raise ValueError(f"latent size {latent_thw} is not divisible by patch size {patch_size}")
-    return math.prod(size // patch for size, patch in zip(latent_thw, patch_size, strict=True))
 
 
 def sample_flow_time(
@@ -136,7 +129,6 @@ __all__ = [
     "flow_timesteps",
     "flow_velocity_to_noise",
     "flow_velocity_to_x0",
-    "num_latent_tokens",
     "sample_flow_time",
     "shift_for_num_tokens",
     "shift_timesteps",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from tqdm.auto import tqdm
 
 from vdm.data.encode import EncodeOptions, encode_frames
 from vdm.eval.prompts import PromptSpec, video_seed
+from vdm.utils.frames import from_uint8_frames, to_uint8_frames
+from vdm.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,6 @@ class GeneratedVideo:
 def video_path(out_dir: str | Path, prompt_idx: int, sample_idx: int) -> Path:
     """``out_dir/videos/p{prompt_idx:04d}_s{sample_idx:02d}.mp4``."""
     return Path(out_dir) / "videos" / f"p{prompt_idx:04d}_s{sample_idx:02d}.mp4"
-
-
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """(C, T, H, W) in [-1, 1] -> (T, H, W, C) uint8."""
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
-
-
-def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, C) uint8 -> (C, T, H, W) float in [-1, 1] (the inverse of ``to_uint8_frames``)."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # a crash mid-write must not leave a truncated mp4 that a resumed run would keep
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -117,7 +100,8 @@ def generate_videos(
                     use_ema=use_ema,
                 )
                 for record, video in zip(batch, videos):
-                    _write_atomic(record.path, encode_frames(to_uint8_frames(video), fps, ENCODE_OPTIONS))
+                    # a crash mid-write must not leave a truncated mp4 that a resumed run would keep
+                    atomic_write(record.path, encode_frames(to_uint8_frames(video), fps, ENCODE_OPTIONS))
                 bar.update(len(batch))
     finally:
         if was_training:
@@ -143,5 +127,6 @@ def write_metrics(out_dir: str | Path, metrics: dict[str, Any], manifest: dict[s
     """``out_dir/metrics.json`` = ``{"metrics": metrics, "protocol": manifest}`` (sorted keys, indent 2)."""
     path = Path(out_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metrics": metrics, "protocol": manifest}, sort_keys=True, indent=2) + "\n")
+    text = json.dumps({"metrics": metrics, "protocol": manifest}, sort_keys=True, indent=2) + "\n"
+    atomic_write(path, text)
     return path

@@ -20,9 +20,9 @@ from vdm.eval.attributes import attribute_protocol, score_videos, write_verdicts
 from vdm.eval.generation import GeneratedVideo, generate_videos, read_frames, read_video, write_metrics
 from vdm.eval.prompts import read_prompts
 from vdm.eval.report import write_report
-from vdm.metrics.clip_score import CLIPScore, CLIPScorer
-from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, save_statistics
-from vdm.metrics.i3d import detector_hash, fvd_preprocess, load_i3d
+from vdm.metrics.clip_score import ClipAggregation, CLIPScore, CLIPScorer
+from vdm.metrics.frechet import Covariance, FeatureStatistics, FrechetVideoDistance, save_statistics
+from vdm.metrics.i3d import detector_hash, fvd_preprocess, is_torchscript, load_i3d
 from vdm.utils.checkpoints import LoadedCheckpoint, checkpoint_hash
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,14 @@ def sampler_name(objective: Any) -> str:
 
 
 @torch.no_grad()
-def clip_metrics(clip_path: str, records: list[GeneratedVideo], num_prompts: int) -> tuple[dict, dict]:
+def clip_metrics(
+    clip_path: str,
+    records: list[GeneratedVideo],
+    num_prompts: int,
+    aggregation: ClipAggregation = "per_video",
+) -> tuple[dict, dict]:
     """(overall {"clipsim", "clip_score"}, per-prompt clip_score by prompt text)."""
-    scorer, metric = CLIPScorer(clip_path), CLIPScore(num_prompts=num_prompts)
+    scorer, metric = CLIPScorer(clip_path), CLIPScore(num_prompts=num_prompts, aggregation=aggregation)
     for record in records:
         cos = scorer(read_video(record.path).unsqueeze(0), [record.prompt])
         metric.update(cos, torch.tensor([record.prompt_idx]))
@@ -58,10 +63,18 @@ def clip_metrics(clip_path: str, records: list[GeneratedVideo], num_prompts: int
     return {"clipsim": float(values["clipsim"]), "clip_score": float(values["clip_score"])}, per_prompt
 
 
-def fvd_protocol(i3d_path: str, frames: int, reference_data: Any) -> dict[str, Any]:
-    """The settings real and generated FVD statistics must share; stored with cached reference statistics."""
+def fvd_protocol(
+    i3d_path: str, frames: int, reference_data: Any, bn_eps: float = 1e-3, covariance: Covariance = "unbiased"
+) -> dict[str, Any]:
+    """The settings real and generated FVD statistics must share; stored with cached reference statistics.
+
+    ``i3d_bn_eps`` is the batch-norm epsilon the state-dict detector runs with (None for a TorchScript
+    detector, whose own is built in); ``covariance`` how the Gaussian fits are normalised.
+    """
     return {
         "detector_sha256": detector_hash(i3d_path),
+        "i3d_bn_eps": None if is_torchscript(Path(i3d_path)) else float(bn_eps),
+        "covariance": covariance,
         "frames": frames,
         "resolution": 224,
         "reference_data": str(reference_data),
@@ -71,11 +84,16 @@ def fvd_protocol(i3d_path: str, frames: int, reference_data: Any) -> dict[str, A
 
 @torch.no_grad()
 def update_features(
-    detector: torch.nn.Module, videos: torch.Tensor, num_frames: int, stats: FeatureStatistics | None
+    detector: torch.nn.Module,
+    videos: torch.Tensor,
+    num_frames: int,
+    stats: FeatureStatistics | None,
+    covariance: Covariance = "unbiased",
 ) -> FeatureStatistics:
     """Add the I3D features of ``videos`` (B, 3, T, H, W) in [-1, 1] to ``stats`` (created when None)."""
     features = detector(fvd_preprocess(videos, num_frames=num_frames)).double()
-    stats = stats if stats is not None else FeatureStatistics(features.shape[1]).to(features.device)
+    if stats is None:
+        stats = FeatureStatistics(features.shape[1], covariance=covariance).to(features.device)
     stats.update(features)
     return stats
 
@@ -91,7 +109,7 @@ def reference_statistics(
     with ``protocol``; returns the number of clips."""
     stats: FeatureStatistics | None = None
     for batch in videos:
-        stats = update_features(detector, batch, num_frames, stats)
+        stats = update_features(detector, batch, num_frames, stats, protocol.get("covariance", "unbiased"))
     if stats is None:
         raise ValueError("reference statistics: the real data yielded no clips")
     gaussian = stats.compute()
@@ -119,8 +137,9 @@ def fvd_metric(
     datamodule: Any = None,
 ) -> tuple[float, int]:
     """(FVD, real clips) of the generated videos against real statistics made with the same protocol:
-    read from ``reference``, or computed there first from the validation split of ``datamodule``."""
-    detector = load_i3d(i3d_path)
+    read from ``reference``, or computed there first from the validation split of ``datamodule``. The
+    detector's batch-norm epsilon and the covariance convention come from ``protocol``."""
+    detector = load_i3d(i3d_path, bn_eps=protocol.get("i3d_bn_eps") or 1e-3)
     if not Path(reference).exists():
         if datamodule is None:
             raise FileNotFoundError(
@@ -129,7 +148,7 @@ def fvd_metric(
         clips = reference_statistics(detector, real_videos(datamodule), num_frames, Path(reference), protocol)
         log.info("reference statistics of %d real validation clips cached at %s", clips, reference)
     real = FeatureStatistics.load(reference, expected_protocol=protocol)
-    metric = FrechetVideoDistance(real.mu.numel(), reference=real)
+    metric = FrechetVideoDistance(real.mu.numel(), reference=real, covariance=protocol["covariance"])
     for record in records:
         video = fvd_preprocess(read_video(record.path).unsqueeze(0), num_frames=num_frames)
         metric.update(detector(video).double(), real=False)
@@ -199,12 +218,16 @@ def evaluate_generation(
             manifest["attributes"] = attribute_protocol()
             write_verdicts(out_dir / "attributes.jsonl", records, specs, verdicts)
     if metrics_cfg.clip_path:
-        overall, per_prompt = clip_metrics(metrics_cfg.clip_path, records, len(prompts))
+        aggregation = metrics_cfg.get("clip_aggregation", "per_video")
+        overall, per_prompt = clip_metrics(metrics_cfg.clip_path, records, len(prompts), aggregation)
         metrics.update(overall)
         manifest["clip_model_sha256"] = checkpoint_hash(metrics_cfg.clip_path)
+        manifest["clip_score_aggregation"] = aggregation
     if metrics_cfg.i3d_path and metrics_cfg.reference_stats:
         protocol = fvd_protocol(
-            metrics_cfg.i3d_path, metrics_cfg.fvd_frames, getattr(datamodule, "val_shards", None)
+            metrics_cfg.i3d_path, metrics_cfg.fvd_frames, getattr(datamodule, "val_shards", None),
+            bn_eps=metrics_cfg.get("i3d_bn_eps", 1e-3),
+            covariance=metrics_cfg.get("fvd_covariance", "unbiased"),
         )
         metrics["fvd"], reference_clips = fvd_metric(
             metrics_cfg.i3d_path,

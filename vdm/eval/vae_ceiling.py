@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from vdm.eval.generation import from_uint8_frames, to_uint8_frames
 from vdm.metrics.attributes import decode_mp4, evaluate_video, iter_corpus, summarize
 from vdm.metrics.reconstruction import frame_psnr, mean_frame_baseline
+from vdm.utils.frames import from_uint8_frames, to_uint8_frames
 from vdm.utils.vae_export import load_vae_export
 
 

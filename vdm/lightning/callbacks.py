@@ -11,9 +11,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from vdm.data.encode import encode_frames
-from vdm.eval.generation import ENCODE_OPTIONS, to_uint8_frames
+from vdm.eval.generation import ENCODE_OPTIONS
 from vdm.eval.prompts import read_prompts
 from vdm.lightning.strategies import param_dtype
+from vdm.utils.frames import to_uint8_frames
 from vdm.utils.vae_export import compute_latent_stats, export_vae
 
 
@@ -127,9 +128,9 @@ class VAEExportCallback(L.Callback):
             )
         finally:
             model.train(was_training)
-        config = getattr(pl_module, "run_config", {}).get("model")
+        config = (getattr(pl_module, "run_config", {}).get("model") or {}).get("vae")
         if not config:
-            raise ValueError("VAEExportCallback: the module carries no run_config['model'] to export")
+            raise ValueError("VAEExportCallback: the module carries no run_config['model']['vae'] to export")
         vae_hash = export_vae(model, config, stats, self.dirpath)
         for logger in trainer.loggers:
             logger.log_hyperparams({"vae_hash": vae_hash})

@@ -2,8 +2,9 @@
 
 A process killed in the middle of ``torch.save`` leaves a truncated file; under the final name that file
 would shadow the previous good checkpoint (and Lightning's ``ModelCheckpoint`` would already have deleted
-the older ones). Here the bytes go to ``<name>.tmp<pid>`` in the same directory, are flushed to disk, and only
-then replace ``<name>`` in one atomic rename, so every checkpoint name always refers to a complete file.
+the older ones). Here the bytes go to a hidden temporary sibling (``vdm.utils.io.atomic_path``), are flushed
+to disk, and only then replace ``<name>`` in one atomic rename, so every checkpoint name always refers to a
+complete file.
 The temporary file of a process killed mid-save is removed by the next save of the same name.
 DeepSpeed's directory checkpoints have their own completion marker (the ``latest`` file, written last),
 which ``vdm.utils.resume`` checks.
@@ -11,14 +12,13 @@ which ``vdm.utils.resume`` checks.
 
 from __future__ import annotations
 
-import glob
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from vdm.utils.io import atomic_path, stale_temporaries
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,32 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if getattr(fs, "protocol", "file") not in ("file", ("file", "local")):
             super().save_checkpoint(checkpoint, path)  # remote stores have their own atomic puts
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        for stale in target.parent.glob(f"{glob.escape(target.name)}.tmp*"):
+        for stale in stale_temporaries(path):
             stale.unlink(missing_ok=True)  # left by a process killed while saving (one writer per name)
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a crash of the machine right after cannot undo it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not fsync directories
-    finally:
-        os.close(fd)
+        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)

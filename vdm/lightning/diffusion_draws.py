@@ -8,20 +8,15 @@ resumed run draws what the uninterrupted one did, with no RNG state to restore.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from vdm.diffusion.common import Generators, randn
+from vdm.diffusion.objectives import DiffusionObjective
 from vdm.utils.devices import to_device_nonblocking
-
-
-def keyed_seed(base: int, key: str, salt: str) -> int:
-    """A 63-bit seed from (base seed, sample key, salt), stable across processes and Python versions."""
-    digest = hashlib.blake2b(f"{base}\0{key}\0{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+from vdm.utils.seeding import keyed_seed
 
 
 def sample_generators(keys: Sequence[Any] | None, base: int, salt: str) -> list[torch.Generator] | None:
@@ -32,7 +27,7 @@ def sample_generators(keys: Sequence[Any] | None, base: int, salt: str) -> list[
 
 
 def training_draws(
-    objective: Any,
+    objective: DiffusionObjective,
     shape: Sequence[int],
     num_tokens: int,
     generator: Generators | None,

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from vdm.diffusion.common import Generators
 from vdm.diffusion.objectives import DiffusionObjective
+from vdm.lightning.base import OptimizerFactory, StageModule
 from vdm.lightning.diffusion_draws import sample_generators, training_draws
-from vdm.lightning.diffusion_sampling import image_condition, sample_videos
+from vdm.lightning.diffusion_sampling import LatentVideoSampler, image_condition
 from vdm.lightning.ema import EMA
-from vdm.lightning.nonfinite import (
-    NonFinitePolicy,
-    check_policy,
-    drop_gradients,
-    handle_nonfinite,
-    is_finite,
-)
-from vdm.lightning.schedules import warmup_cosine
+from vdm.lightning.nonfinite import NonFinitePolicy, drop_gradients, handle_nonfinite, is_finite
 from vdm.lightning.strategies import (
     clip_by_norm,
     compile_blocks,
@@ -30,16 +23,14 @@ from vdm.lightning.strategies import (
     param_dtype,
     set_deepspeed_gradient_clipping,
 )
+from vdm.models.dit import check_fits
+from vdm.models.flops import dit_flops
 from vdm.models.text_encoder import TextEncoder
-from vdm.utils.flops import dit_flops, tokens_per_sample
 from vdm.utils.vae_export import load_vae_export
 
 log = logging.getLogger(__name__)
 
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(StageModule):
     """Trains ``dit`` (a ``VideoDiT``) with ``objective`` on normalised latents of the VAE export.
 
     Latents: clips are encoded on the fly with the frozen VAE (posterior mean), or come precomputed
@@ -52,6 +43,8 @@ class DiffusionModule(L.LightningModule):
     ``i2v_probability`` of the samples (zeros otherwise, i.e. text-to-video). An EMA of the DiT
     weights is kept, checkpointed, and used for sampling.
     """
+
+    frozen = ("vae",)  # weights come from the VAE export, whose hash the checkpoint records
 
     def __init__(
         self,
@@ -73,7 +66,7 @@ class DiffusionModule(L.LightningModule):
         nonfinite: NonFinitePolicy = "stop",
         val_t_bands: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, nonfinite=nonfinite)
         if val_t_bands < 1:
             raise ValueError(f"module.val_t_bands must be >= 1, got {val_t_bands}")
         if not 0.0 <= caption_dropout <= 1.0 or not 0.0 <= i2v_probability <= 1.0:
@@ -81,11 +74,9 @@ class DiffusionModule(L.LightningModule):
                 f"module.caption_dropout and module.i2v_probability must be in [0, 1], "
                 f"got {caption_dropout}, {i2v_probability}"
             )
-        check_policy(nonfinite)
         self.save_hyperparameters(ignore=["dit", "text_encoder", "optimizer", "objective"])
         export = load_vae_export(vae_export, expected_vae_hash)
         self.vae_hash = export.vae_hash
-        self.vae_config = export.config
         channels = export.model.latent_channels
         _check_compatible(dit, channels, text_encoder.hidden_size, i2v_probability)
         self.dit = dit
@@ -97,7 +88,6 @@ class DiffusionModule(L.LightningModule):
         stats = export.stats
         self.register_buffer("latent_mean", torch.tensor(stats.mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latent_std", torch.tensor(stats.std).view(1, -1, 1, 1, 1), persistent=False)
-        self.run_config: dict[str, Any] = {}
         # validation loss in val_t_bands equal bands of t: val/loss_t0.00-0.25 ... val/loss_t0.75-1.00
         self.t_band_edges = torch.linspace(0.0, 1.0, val_t_bands + 1, dtype=torch.float64)
         edges = self.t_band_edges.tolist()
@@ -107,10 +97,7 @@ class DiffusionModule(L.LightningModule):
         }
         names = ("loss", "loss_ema", *self.t_band_names)
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in names})
-        self._batch_keys: list[str] | None = None
         self._loss: torch.Tensor | None = None
-        # batch_work per (latent T, H, W, text length)
-        self._work: dict[tuple[int, ...], tuple[int, int]] = {}
 
     def setup(self, stage: str) -> None:
         """Under DeepSpeed the EMA leaves the module tree; precomputed text embeddings must come from this
@@ -155,6 +142,11 @@ class DiffusionModule(L.LightningModule):
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_std + self.latent_mean
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Videos (B, 3, T, H, W) in [-1, 1] of normalised latents (the inverse of ``encode_latents``)."""
+        return self.vae.decode(self.denormalize(z).to(param_dtype(self.vae))).float().clamp(-1, 1)
 
     @torch.no_grad()
     def text_context(
@@ -220,7 +212,7 @@ class DiffusionModule(L.LightningModule):
     def batch_work(self, batch: dict[str, Any]) -> tuple[int, int, int]:
         """(samples, DiT tokens, training FLOPs of the DiT) of a batch, from shapes only (no sync).
 
-        FLOPs: ``vdm.utils.flops.dit_flops`` of a training step over the batch; the frozen VAE encode and
+        FLOPs: ``vdm.models.flops.dit_flops`` of a training step over the batch; the frozen VAE encode and
         text encoder are not model FLOPs of this stage. Cross-attention counts the padded text length
         (real lengths would need the mask's values).
         """
@@ -232,12 +224,12 @@ class DiffusionModule(L.LightningModule):
         key = (t, h, w, length)
         if key not in self._work:
             flops = dit_flops(self.dit, (t, h, w), length, training=True)
-            self._work[key] = (tokens_per_sample(self.dit, (t, h, w)), flops)
+            self._work[key] = (self.dit.num_tokens((t, h, w)), flops)
         tokens, flops = self._work[key]
         return int(b), int(b) * tokens, int(b) * flops
 
     def num_tokens(self, latent_thw: Sequence[int]) -> int:
-        return tokens_per_sample(self.dit, latent_thw)
+        return self.dit.num_tokens(latent_thw)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z = self.normalized_latents(batch)
@@ -344,13 +336,8 @@ class DiffusionModule(L.LightningModule):
             value = losses[selected].mean() if selected.any() else losses.new_zeros(())
             self.val_metrics[name].update(value, weight=int(selected.sum()))
 
-    def on_validation_epoch_end(self) -> None:
-        for name, metric in self.val_metrics.items():
-            if metric.update_called:
-                value = metric.compute()  # synced over ranks; NaN for a band no rank drew a time in
-                if torch.isfinite(value):
-                    self.log(f"val/{self.val_log_names.get(name, name)}", value, prog_bar=name == "loss")
-            metric.reset()
+    def val_log_name(self, name: str) -> str:
+        return self.val_log_names.get(name, name)
 
     # sampling
 
@@ -377,11 +364,10 @@ class DiffusionModule(L.LightningModule):
 
         ``image`` (B, 3, H, W) in [-1, 1] conditions on a first frame (needs an image-to-video DiT);
         ``init_video`` (B, 3, T, H, W) with ``strength`` < 1 starts from that video noised (SDEdit).
-        See :func:`vdm.lightning.diffusion_sampling.sample_videos`.
+        See :class:`vdm.lightning.diffusion_sampling.LatentVideoSampler`.
         """
         self._ema_on_device()
-        return sample_videos(
-            self,
+        return self.sampler(use_ema).sample(
             prompts,
             (num_frames, height, width),
             num_steps=num_steps,
@@ -390,25 +376,31 @@ class DiffusionModule(L.LightningModule):
             image=image,
             init_video=init_video,
             strength=strength,
-            use_ema=use_ema,
+        )
+
+    def sampler(self, use_ema: bool = True) -> LatentVideoSampler:
+        """The sampler of this module's DiT (or its EMA), VAE, text encoder and objective."""
+        return LatentVideoSampler(
+            model=self.ema.module if use_ema else self.dit,
+            text_encoder=self.text_encoder,
+            objective=self.objective,
+            encode=self.encode_latents,
+            decode=self.decode_latents,
+            latent_shape=self.vae.latent_shape,
+            num_tokens=self.num_tokens,
+            device=self.device,
+            image_to_video=self.image_to_video,
         )
 
     # optimisation and checkpoints
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = (
-            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        )
         optimizer = self.optimizer_factory(self.dit.parameters())
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, int(total), self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["vdm_config"] = self.run_config
+        super().on_save_checkpoint(checkpoint)
         checkpoint["vae_hash"] = self.vae_hash
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("vae.")]:
-            del state[key]
         if self.ema_detached:  # DeepSpeed saves the client state, not state_dict: the EMA goes there
             checkpoint["ema_state_dict"] = {
                 f"ema.{k}": v.detach().cpu() for k, v in self.ema.state_dict().items()
@@ -421,9 +413,8 @@ class DiffusionModule(L.LightningModule):
                 f"checkpoint was trained on VAE {saved[:12]} but model.vae_export has VAE "
                 f"{self.vae_hash[:12]}"
             )
-        state = checkpoint.setdefault("state_dict", {})
-        for key, value in self.vae.state_dict().items():
-            state[f"vae.{key}"] = value
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
         state.update(checkpoint.pop("ema_state_dict", {}))
         if self.ema_detached:  # the EMA is not in the module's state dict: load it here
             ema = {k.removeprefix("ema."): state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
@@ -433,20 +424,9 @@ class DiffusionModule(L.LightningModule):
 
 def _check_compatible(dit: torch.nn.Module, channels: int, text_dim: int, i2v_probability: float) -> None:
     """The DiT must match the VAE's latent channels and the text encoder's width."""
-    in_channels = getattr(dit, "in_channels", channels)
-    if in_channels != channels:
-        raise ValueError(
-            f"model.dit.in_channels={in_channels} but the VAE export has {channels} latent channels; "
-            f"set model.dit.in_channels={channels}"
-        )
-    cond = getattr(dit, "cond_channels", 0)
-    if cond not in (0, channels + 1):
-        raise ValueError(f"model.dit.cond_channels must be 0 or {channels + 1} (latent + mask), got {cond}")
-    if i2v_probability > 0 and cond == 0:
-        raise ValueError(f"module.i2v_probability > 0 needs model.dit.cond_channels={channels + 1}")
-    context_dim = getattr(dit, "context_dim", text_dim)
-    if context_dim != text_dim:
-        raise ValueError(
-            f"model.dit.context_dim={context_dim} but the text encoder's hidden size is {text_dim}; "
-            f"set model.dit.context_dim={text_dim}"
-        )
+    try:
+        check_fits(getattr(dit, "in_channels", channels), getattr(dit, "cond_channels", 0),
+                   getattr(dit, "context_dim", text_dim), latent_channels=channels, text_dim=text_dim,
+                   image_conditioning=i2v_probability > 0)
+    except ValueError as err:
+        raise ValueError(f"model.dit.{err}") from None

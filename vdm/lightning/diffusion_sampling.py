@@ -1,19 +1,17 @@
-"""Sampling videos from a stage-2 ``DiffusionModule``: noise, text guidance, first-frame and SDEdit starts.
-
-Kept apart from the LightningModule: it only reads the module's DiT (or EMA), VAE, text encoder, latent
-statistics and objective, and the same code serves the training callbacks and ``evaluate.py``.
-"""
+"""Sampling videos from a latent DiT: noise, text guidance, first-frame and SDEdit starts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from vdm.diffusion.common import randn
 from vdm.diffusion.guidance import guided_denoiser
+from vdm.diffusion.objectives import DiffusionObjective
 from vdm.lightning.strategies import param_dtype
+from vdm.models.text_encoder import TextEncoder
 
 
 def image_condition(z: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
@@ -39,61 +37,84 @@ def seed_generators(seed: int | Sequence[int], batch: int) -> torch.Generator | 
     return [torch.Generator().manual_seed(int(s)) for s in seed]
 
 
-@torch.no_grad()
-def sample_videos(
-    module: Any,
-    prompts: Sequence[str],
-    shape: tuple[int, int, int],
-    *,
-    num_steps: int,
-    guidance_scale: float,
-    seed: int | Sequence[int],
-    image: torch.Tensor | None = None,
-    init_video: torch.Tensor | None = None,
-    strength: float = 1.0,
-    use_ema: bool = True,
-) -> torch.Tensor:
-    """Videos (B, 3, T, H, W) in [-1, 1] from ``module`` for ``prompts``; ``shape`` = (T, H, W) in pixels.
+@dataclass(frozen=True)
+class LatentVideoSampler:
+    """Draws videos from a latent DiT with text guidance, first-frame and SDEdit starts.
 
-    Arguments as in ``DiffusionModule.sample``; classifier-free guidance is one batched call per step.
+    Everything it uses is named here (``DiffusionModule.sampler`` builds one), so the same code serves
+    the training callbacks and ``evaluate.py``.
+
+    Args:
+        model: the denoiser (the DiT or its EMA copy), called as ``model(x, t, context, context_mask)``.
+        text_encoder: captions -> (context, mask); its ``null_embedding`` is the unconditional branch.
+        objective: the training objective, whose ``sample`` integrates from noise (or a noised start).
+        encode: videos (B, 3, T, H, W) in [-1, 1] -> normalised latents on ``device``.
+        decode: normalised latents -> videos (B, 3, T, H, W) in [-1, 1].
+        latent_shape: (B, 3, T, H, W) of a video -> (B, C, T', H', W') of its latent.
+        num_tokens: DiT tokens of a latent (T', H', W') (the objective's resolution-aware shift reads it).
+        device: where sampling runs.
+        image_to_video: the DiT takes first-frame conditioning channels.
     """
-    model = module.ema.module if use_ema else module.dit
-    dtype, device, b = param_dtype(model), module.device, len(prompts)
-    latent_shape = module.vae.latent_shape((b, 3, *shape))
-    generator = seed_generators(seed, b)
-    noise = randn(latent_shape, generator, device)
-    context, mask = module.text_encoder.encode(list(prompts))
-    null, null_mask = module.text_encoder.null_embedding()
-    cond = {"context": context.to(device), "context_mask": mask.to(device)}
-    uncond = {
-        "context": null.to(device).expand(b, -1, -1),
-        "context_mask": null_mask.to(device).expand(b, -1),
-    }
-    extra: torch.Tensor | None = None
-    if image is not None or module.image_to_video:
-        if not module.image_to_video:
-            raise ValueError("sample(image=...): this DiT has no image conditioning (cond_channels=0)")
-        first = torch.zeros(latent_shape, device=device)
-        if image is not None:
-            first[:, :, :1] = module.encode_latents(image.unsqueeze(2))
-        extra = image_condition(first, torch.full((b,), image is not None, device=device))
 
-    def model_fn(
-        x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+    model: torch.nn.Module
+    text_encoder: TextEncoder
+    objective: DiffusionObjective
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    latent_shape: Callable[[Sequence[int]], tuple[int, ...]]
+    num_tokens: Callable[[Sequence[int]], int]
+    device: torch.device
+    image_to_video: bool = False
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        shape: tuple[int, int, int],
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        seed: int | Sequence[int],
+        image: torch.Tensor | None = None,
+        init_video: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        if extra is not None:
-            x = torch.cat([x, extra.repeat(x.shape[0] // b, 1, 1, 1, 1).to(x)], dim=1)
-        return model(x.to(dtype), t, context.to(dtype), context_mask).float()
+        """Videos (B, 3, T, H, W) in [-1, 1] for ``prompts``; ``shape`` = (T, H, W) in pixels.
 
-    init = module.encode_latents(init_video) if init_video is not None else None
-    denoiser = guided_denoiser(model_fn, cond, uncond, guidance_scale)
-    z = module.objective.sample(
-        denoiser,
-        noise,
-        num_steps,
-        module.num_tokens(latent_shape[2:]),
-        init=init,
-        strength=strength,
-        generator=generator,
-    )
-    return module.vae.decode(module.denormalize(z).to(param_dtype(module.vae))).float().clamp(-1, 1)
+        Arguments as in ``DiffusionModule.sample``; classifier-free guidance is one batched call per step.
+        """
+        model, device, b = self.model, self.device, len(prompts)
+        dtype = param_dtype(model)
+        latent_shape = self.latent_shape((b, 3, *shape))
+        generator = seed_generators(seed, b)
+        noise = randn(latent_shape, generator, device)
+        context, mask = self.text_encoder.encode(list(prompts))
+        null, null_mask = self.text_encoder.null_embedding()
+        cond = {"context": context.to(device), "context_mask": mask.to(device)}
+        uncond = {
+            "context": null.to(device).expand(b, -1, -1),
+            "context_mask": null_mask.to(device).expand(b, -1),
+        }
+        extra: torch.Tensor | None = None
+        if image is not None or self.image_to_video:
+            if not self.image_to_video:
+                raise ValueError("sample(image=...): this DiT has no image conditioning (cond_channels=0)")
+            first = torch.zeros(latent_shape, device=device)
+            if image is not None:
+                first[:, :, :1] = self.encode(image.unsqueeze(2))
+            extra = image_condition(first, torch.full((b,), image is not None, device=device))
+
+        def model_fn(
+            x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+        ) -> torch.Tensor:
+            if extra is not None:
+                x = torch.cat([x, extra.repeat(x.shape[0] // b, 1, 1, 1, 1).to(x)], dim=1)
+            return model(x.to(dtype), t, context.to(dtype), context_mask).float()
+
+        init = self.encode(init_video) if init_video is not None else None
+        denoiser = guided_denoiser(model_fn, cond, uncond, guidance_scale)
+        z = self.objective.sample(
+            denoiser, noise, num_steps, self.num_tokens(latent_shape[2:]), init=init, strength=strength,
+            generator=generator,
+        )
+        return self.decode(z)

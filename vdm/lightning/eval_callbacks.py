@@ -21,20 +21,22 @@ import lightning as L
 import torch
 
 from vdm.eval.attributes import AttributeCounts, score_videos
-from vdm.eval.generation import to_uint8_frames
 from vdm.eval.prompts import PromptSpec, read_prompts, video_seed
 from vdm.eval.text_to_video import fvd_protocol, real_videos, update_features
 from vdm.lightning.callbacks import select_prompts
-from vdm.metrics.clip_score import CLIPScore, CLIPScorer
-from vdm.metrics.frechet import FeatureStatistics, FrechetVideoDistance, frechet_distance, save_statistics
+from vdm.metrics.clip_score import ClipAggregation, CLIPScore, CLIPScorer
+from vdm.metrics.frechet import (
+    Covariance,
+    FeatureStatistics,
+    FrechetVideoDistance,
+    frechet_distance,
+    save_statistics,
+)
 from vdm.metrics.i3d import NUM_CLASSES, fvd_preprocess, load_i3d
+from vdm.utils.frames import quantize, to_uint8_frames
 
 log = logging.getLogger(__name__)
 
-
-def _quantize(videos: torch.Tensor) -> torch.Tensor:
-    """Round to the 8-bit values a saved video would hold, as float in [-1, 1] (what evaluate.py scores)."""
-    return ((videos.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
 def _publish(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -94,7 +96,7 @@ class SampledMetrics(L.Callback):
         try:
             for start in range(0, len(mine), self.batch_size):
                 batch = mine[start : start + self.batch_size]
-                videos = _quantize(
+                videos = quantize(
                     pl_module.sample(
                         [self.prompts[i] for i, _, _ in batch],
                         *self.shape,
@@ -139,6 +141,9 @@ class GenerationMetrics(SampledMetrics):
         i3d_path: str | None = None,
         reference_stats: str | None = None,
         fvd_frames: int = 16,
+        i3d_bn_eps: float = 1e-3,
+        fvd_covariance: Covariance = "unbiased",
+        clip_aggregation: ClipAggregation = "per_video",
     ) -> None:
         if i3d_path and not reference_stats:
             raise ValueError(
@@ -155,6 +160,9 @@ class GenerationMetrics(SampledMetrics):
                          num_frames, height, width, num_steps, guidance_scale, seed)
         self.clip_path, self.i3d_path, self.reference_stats = clip_path, i3d_path, reference_stats
         self.fvd_frames = fvd_frames
+        # the metric conventions (README: which published numbers each is comparable with)
+        self.i3d_bn_eps, self.fvd_covariance = i3d_bn_eps, fvd_covariance
+        self.clip_aggregation = clip_aggregation
         self._clip: CLIPScorer | None = None
         self._i3d: torch.nn.Module | None = None
         self._reference = None
@@ -168,19 +176,21 @@ class GenerationMetrics(SampledMetrics):
         if self.clip_path and self._clip is None:
             self._clip = CLIPScorer(self.clip_path).to(device)
         if self.i3d_path and self._i3d is None:
-            self._i3d = load_i3d(self.i3d_path).to(device)
+            self._i3d = load_i3d(self.i3d_path, bn_eps=self.i3d_bn_eps).to(device)
 
     def _reference_statistics(self, trainer: L.Trainer, device: torch.device) -> Any:
         datamodule = trainer.datamodule
-        protocol = fvd_protocol(self.i3d_path, self.fvd_frames, getattr(datamodule, "val_shards", None))
+        protocol = fvd_protocol(self.i3d_path, self.fvd_frames, getattr(datamodule, "val_shards", None),
+                                bn_eps=self.i3d_bn_eps, covariance=self.fvd_covariance)
         path = Path(self.reference_stats)
         if not path.exists():  # every rank sees the same filesystem state here: no rank skips the collectives
             stats = None
             for videos in real_videos(datamodule):
-                stats = update_features(self._i3d, videos.to(device), self.fvd_frames, stats)
-            stats = (
-                stats if stats is not None else FeatureStatistics(NUM_CLASSES).to(device)
-            )  # a rank with no clips
+                stats = update_features(
+                    self._i3d, videos.to(device), self.fvd_frames, stats, self.fvd_covariance
+                )
+            if stats is None:  # a rank with no clips
+                stats = FeatureStatistics(NUM_CLASSES, covariance=self.fvd_covariance).to(device)
             gaussian = stats.compute()  # merges all ranks
             if trainer.is_global_zero:
                 save_statistics(gaussian, path, protocol)
@@ -195,12 +205,11 @@ class GenerationMetrics(SampledMetrics):
         self._detectors(device)
         if self.i3d_path and self._reference is None:
             self._reference = self._reference_statistics(trainer, device)
-        clip = CLIPScore().to(device) if self._clip is not None else None
-        fvd = (
-            FrechetVideoDistance(NUM_CLASSES, reference=self._reference).to(device)
-            if self._i3d is not None
-            else None
-        )
+        clip = CLIPScore(aggregation=self.clip_aggregation).to(device) if self._clip is not None else None
+        fvd = None
+        if self._i3d is not None:
+            fvd = FrechetVideoDistance(NUM_CLASSES, reference=self._reference, covariance=self.fvd_covariance)
+            fvd = fvd.to(device)
         for batch, videos in self._share(trainer, pl_module):
             if clip is not None:
                 clip.update(self._clip(videos, [self.prompts[i] for i, _, _ in batch]))
@@ -291,10 +300,12 @@ class ReconstructionFVD(L.Callback):
     ``i3d_path`` is null.
     """
 
-    def __init__(self, i3d_path: str | None, fvd_frames: int = 16, every_n_val_epochs: int = 1) -> None:
+    def __init__(self, i3d_path: str | None, fvd_frames: int = 16, every_n_val_epochs: int = 1,
+                 i3d_bn_eps: float = 1e-3, fvd_covariance: Covariance = "unbiased") -> None:
         if every_n_val_epochs < 1:
             raise ValueError(f"every_n_val_epochs must be >= 1, got {every_n_val_epochs}")
         self.i3d_path, self.fvd_frames, self.every_n_val_epochs = i3d_path, fvd_frames, every_n_val_epochs
+        self.i3d_bn_eps, self.fvd_covariance = i3d_bn_eps, fvd_covariance
         self._i3d: torch.nn.Module | None = None
         self._real: FeatureStatistics | None = None
         self._real_done = False
@@ -309,10 +320,11 @@ class ReconstructionFVD(L.Callback):
             self._val_count += 1
         if self._active:
             if self._i3d is None:
-                self._i3d = load_i3d(self.i3d_path).to(pl_module.device)
-            self._fake = FeatureStatistics(NUM_CLASSES).to(pl_module.device)
+                self._i3d = load_i3d(self.i3d_path, bn_eps=self.i3d_bn_eps).to(pl_module.device)
+            device, covariance = pl_module.device, self.fvd_covariance
+            self._fake = FeatureStatistics(NUM_CLASSES, covariance=covariance).to(device)
             if not self._real_done:
-                self._real = FeatureStatistics(NUM_CLASSES).to(pl_module.device)
+                self._real = FeatureStatistics(NUM_CLASSES, covariance=covariance).to(device)
 
     @torch.no_grad()
     def on_validation_batch_end(

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from vdm.data.shards import derive_seed
-from vdm.lightning.nonfinite import (
-    NonFinitePolicy,
-    check_policy,
-    drop_gradients,
-    handle_nonfinite,
-    is_finite,
-)
-from vdm.lightning.schedules import warmup_cosine
+from vdm.lightning.base import OptimizerFactory, StageModule
+from vdm.lightning.nonfinite import NonFinitePolicy, drop_gradients, handle_nonfinite, is_finite
 from vdm.lightning.strategies import (
     clip_by_norm,
     is_deepspeed,
@@ -28,14 +19,12 @@ from vdm.lightning.strategies import (
 )
 from vdm.metrics.reconstruction import frame_psnr, frame_ssim, mean_frame_baseline
 from vdm.models.discriminator import adaptive_generator_weight, hinge_d_loss, hinge_g_loss
+from vdm.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-class VAEModule(L.LightningModule):
-    """Trains ``model`` (a ``VideoVAE``) as in the LDM/VQGAN recipe, extended to video.
+class VAEModule(StageModule):
+    """Trains ``vae`` (a ``VideoVAE``, kept as ``self.model``) as in the LDM/VQGAN recipe, extended to video.
 
     Generator loss: ``l1 * |x - x_hat| + l2 * mse + perceptual * LPIPS + kl * KL + gan * w * hinge_g``,
     every term a per-element (or per-frame) mean, where ``w`` is the adaptive weight (ratio of the
@@ -49,9 +38,12 @@ class VAEModule(L.LightningModule):
     one did, with no RNG state to save.
     """
 
+    frozen = ("perceptual",)  # the LPIPS network comes from its own files
+    progress_bar = ("loss", "psnr")
+
     def __init__(
         self,
-        model: torch.nn.Module,
+        vae: torch.nn.Module,
         optimizer: OptimizerFactory,
         discriminator: torch.nn.Module | None = None,
         disc_optimizer: OptimizerFactory | None = None,
@@ -72,7 +64,7 @@ class VAEModule(L.LightningModule):
         num_example_videos: int = 4,
         nonfinite: NonFinitePolicy = "stop",
     ) -> None:
-        super().__init__()
+        super().__init__(warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, nonfinite=nonfinite)
         weights = {"l1_weight": l1_weight, "l2_weight": l2_weight, "kl_weight": kl_weight,
                    "perceptual_weight": perceptual_weight, "gan_weight": gan_weight}
         for name, value in weights.items():
@@ -80,29 +72,23 @@ class VAEModule(L.LightningModule):
                 raise ValueError(f"module.{name} must be >= 0, got {value}")
         if l1_weight + l2_weight <= 0:
             raise ValueError("module: l1_weight + l2_weight must be > 0 (a reconstruction term is required)")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"module.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        check_policy(nonfinite)
         if (discriminator is None) != (disc_optimizer is None):
             raise ValueError("module: discriminator and disc_optimizer must be given together (or both null)")
         self.save_hyperparameters(
-            ignore=["model", "optimizer", "discriminator", "disc_optimizer", "perceptual"]
+            ignore=["vae", "optimizer", "discriminator", "disc_optimizer", "perceptual"]
         )
         self.automatic_optimization = False
-        self.model = model
+        self.model = vae  # the attribute keeps the checkpoints' "model." keys
         self.discriminator = discriminator
         self.perceptual = perceptual.requires_grad_(False).eval() if perceptual is not None else None
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer
-        self.run_config: dict[str, Any] = {}  # the resolved run config, set by the entry point
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("loss", "psnr", "ssim", "lpips", "psnr_mean_frame", "psnr_moving",
                                        "psnr_mean_frame_moving")}
         )
         self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._batch_keys: list[str] | None = None
         self._base_seed: int | None = None
-        self._work: dict[tuple[int, ...], tuple[int, int]] = {}  # batch_work per clip shape
 
     @property
     def gan_active(self) -> bool:
@@ -120,7 +106,7 @@ class VAEModule(L.LightningModule):
 
         The discriminator and LPIPS are left out: MFU here is the autoencoder's.
         """
-        from vdm.utils.flops import vae_flops
+        from vdm.models.flops import vae_flops
 
         b, _, t, h, w = batch["video"].shape
         key = (t, h, w)
@@ -257,37 +243,10 @@ class VAEModule(L.LightningModule):
             self.val_examples = (x[:n].detach().cpu(), x_hat[:n].detach().clamp(-1, 1).cpu())
         return {"x": x.detach(), "x_hat": x_hat.detach().clamp(-1, 1)}
 
-    def on_validation_epoch_end(self) -> None:
-        for name, metric in self.val_metrics.items():
-            if metric.update_called:
-                value = metric.compute()  # NaN when no rank saw a moving clip
-                if torch.isfinite(value):
-                    self.log(f"val/{name}", value, prog_bar=name in ("loss", "psnr"))
-            metric.reset()
-
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
-        trainer = self.trainer
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        hp = self.hparams
         optimizers = [self.optimizer_factory(self.model.parameters())]
         if self.discriminator is not None:
             optimizers.append(self.disc_optimizer_factory(self.discriminator.parameters()))
         # the discriminator runs (and warms up) from disc_start_step on
-        lengths = [int(total), max(int(total) - hp.disc_start_step, 1)]
-        schedulers = [
-            {"scheduler": warmup_cosine(opt, hp.warmup_steps, length, hp.min_lr_ratio), "interval": "step"}
-            for opt, length in zip(optimizers, lengths)
-        ]
-        return optimizers, schedulers
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["vdm_config"] = self.run_config
-        # the frozen LPIPS network comes from its own files: not copied into every checkpoint
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("perceptual.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.perceptual is not None:
-            for key, value in self.perceptual.state_dict().items():
-                checkpoint["state_dict"][f"perceptual.{key}"] = value
+        lengths = [self.total_steps, max(self.total_steps - self.hparams.disc_start_step, 1)]
+        return optimizers, [self.lr_schedule(opt, length) for opt, length in zip(optimizers, lengths)]

@@ -8,7 +8,7 @@ round trip through PIL.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -113,14 +113,24 @@ class CLIPScorer(nn.Module):
         return torch.einsum("bte,be->bt", image, text).mean(dim=1)
 
 
+#: how ``clip_score`` aggregates videos: clamp each video's score at 0, then average (per_video), or
+#: average, then clamp (mean: torchmetrics' CLIPScore)
+ClipAggregation = Literal["per_video", "mean"]
+CLIP_AGGREGATIONS: tuple[str, ...] = ("per_video", "mean")
+
+
 class CLIPScore(Metric):
     """Accumulates per-video CLIP cosines (from ``CLIPScorer``); sums merge exactly across ranks.
 
     ``compute()`` returns
-      - ``clipsim``: mean over videos of cos_video (the CLIPSIM of video generation papers), and
-      - ``clip_score``: mean over videos of 100 * max(cos_video, 0), i.e. torchmetrics' ``CLIPScore``
-        convention (100 * cosine clamped at 0 per sample, then averaged) applied per video, where cos_video
-        is already the frame-averaged cosine.
+      - ``clipsim``: mean over videos of cos_video (the CLIPSIM of video generation papers; cos_video is
+        the frame-averaged cosine), and
+      - ``clip_score``, aggregated as ``aggregation`` says:
+          * ``per_video`` (default): mean over videos of 100 * max(cos_video, 0), each video clamped at 0
+            (Hessel et al.'s CLIPScore is defined per image-caption pair, then averaged);
+          * ``mean``: max(100 * mean over videos of cos_video, 0), torchmetrics' ``CLIPScore``, which sums
+            the unclamped scores and clamps only the final mean.
+        The two agree while no video's cosine is negative, as is usual for real prompts.
     With ``num_prompts``, ``update`` also takes each video's prompt index and ``compute`` adds
     ``clipsim/prompt_{i}`` (mean cosine per prompt; NaN for a prompt never seen).
     """
@@ -129,9 +139,12 @@ class CLIPScore(Metric):
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, num_prompts: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, num_prompts: int | None = None, aggregation: ClipAggregation = "per_video",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.num_prompts = num_prompts
+        if aggregation not in CLIP_AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {list(CLIP_AGGREGATIONS)}, got {aggregation!r}")
+        self.num_prompts, self.aggregation = num_prompts, aggregation
         f64 = torch.float64
         self.add_state("cos_sum", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("score_sum", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
@@ -154,10 +167,15 @@ class CLIPScore(Metric):
             self.prompt_count.index_add_(0, idx, torch.ones_like(cos))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """{"clipsim": mean cos, "clip_score": mean 100 * max(cos, 0)} (+ per-prompt clipsim if tracked)."""
+        """{"clipsim": mean cos, "clip_score": as ``aggregation`` says} (+ per-prompt clipsim if tracked)."""
         if self.count == 0:
             raise ValueError("CLIPScore.compute() before any update (count=0)")
-        out = {"clipsim": self.cos_sum / self.count, "clip_score": self.score_sum / self.count}
+        clipsim = self.cos_sum / self.count
+        if self.aggregation == "per_video":
+            score = self.score_sum / self.count
+        else:
+            score = (100 * clipsim).clamp(min=0)
+        out = {"clipsim": clipsim, "clip_score": score}
         if self.num_prompts is not None:
             per_prompt = self.prompt_cos_sum / self.prompt_count  # 0/0 -> NaN for prompts never seen
             out.update({f"clipsim/prompt_{i}": v for i, v in enumerate(per_prompt)})

@@ -7,16 +7,22 @@ the distance stay generic and testable. All accumulation is float64 sums, which 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torchmetrics import Metric
 
+from vdm.utils.io import atomic_path
+
+#: how a covariance is normalised: by N - 1 (unbiased: numpy's np.cov, pytorch-fid, torchmetrics) or by N
+#: (biased: StyleGAN-V's and cd-fvd's FVD, which take StyleGAN2-ADA's feature statistics)
+Covariance = Literal["unbiased", "biased"]
+COVARIANCES: tuple[str, ...] = ("unbiased", "biased")
+
 
 class GaussianStatistics(NamedTuple):
-    """Mean (D,) and unbiased covariance (D, D) of ``count`` feature vectors, float64."""
+    """Mean (D,) and covariance (D, D) of ``count`` feature vectors, float64."""
 
     mu: torch.Tensor
     sigma: torch.Tensor
@@ -56,13 +62,22 @@ def frechet_distance(
     return max(float(fd), 0.0)  # cancellation can leave ~-1e-12 for identical inputs
 
 
-def _gaussian(count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> GaussianStatistics:
+def check_covariance(covariance: str) -> None:
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {list(COVARIANCES)}, got {covariance!r}")
+
+
+def _gaussian(
+    count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor, covariance: Covariance = "unbiased"
+) -> GaussianStatistics:
     n = int(count.item())
-    if n < 2:
-        raise ValueError(f"need at least 2 feature vectors for an unbiased covariance, got count={n}")
+    divisor = n - 1 if covariance == "unbiased" else n
+    if divisor < 1:
+        raise ValueError(f"need at least {2 if covariance == 'unbiased' else 1} feature vectors for a "
+                         f"{covariance} covariance, got count={n}")
     mu = total / n
-    # sum_i (x_i - mu)(x_i - mu)^T = sum_i x_i x_i^T - n mu mu^T, divided by n - 1 (unbiased)
-    sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
+    # sum_i (x_i - mu)(x_i - mu)^T = sum_i x_i x_i^T - n mu mu^T, divided by n - 1 (unbiased) or n (biased)
+    sigma = (outer - n * torch.outer(mu, mu)) / divisor
     return GaussianStatistics(mu, (sigma + sigma.T) / 2, n)
 
 
@@ -80,23 +95,22 @@ def save_statistics(stats: GaussianStatistics, path: str | Path, protocol: dict[
         "count": torch.tensor(stats.count, dtype=torch.int64),
         "protocol": json.dumps(protocol, sort_keys=True),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 class FeatureStatistics(Metric):
-    """Streaming mean and unbiased covariance of features (B, D), float64 sums merged exactly across ranks."""
+    """Streaming mean and covariance (``covariance``: unbiased or biased) of features (B, D), float64 sums
+    merged exactly across ranks."""
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, num_features: int, **kwargs: Any) -> None:
+    def __init__(self, num_features: int, covariance: Covariance = "unbiased", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.num_features = num_features
+        check_covariance(covariance)
+        self.num_features, self.covariance = num_features, covariance
         d = num_features
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
@@ -110,8 +124,8 @@ class FeatureStatistics(Metric):
         self.outer += f.T @ f
 
     def compute(self) -> GaussianStatistics:
-        """(mu (D,), sigma (D, D), count) of everything seen on all ranks; needs count >= 2."""
-        return _gaussian(self.count, self.sum, self.outer)
+        """(mu (D,), sigma (D, D), count) of everything seen on all ranks; needs count >= 2 (unbiased)."""
+        return _gaussian(self.count, self.sum, self.outer, self.covariance)
 
     def save(self, path: str | Path, protocol: dict[str, Any]) -> None:
         """Write mu, sigma, count and the feature protocol (detector, frames, resolution...) to ``path``.
@@ -146,16 +160,25 @@ class FrechetVideoDistance(Metric):
     """FVD/FID from caller-supplied detector features: real and fake Gaussian fits, then ``frechet_distance``.
 
     With ``reference`` (e.g. from ``FeatureStatistics.load``) the real side is fixed and only fake features
-    are accumulated; otherwise both sides stream through ``update(features, real=...)``.
+    are accumulated; otherwise both sides stream through ``update(features, real=...)``. ``covariance``
+    normalises the fits by N - 1 (unbiased) or N (biased); a reference must have been made the same way
+    (its protocol records it).
     """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, num_features: int, reference: GaussianStatistics | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        reference: GaussianStatistics | None = None,
+        covariance: Covariance = "unbiased",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self.num_features = num_features
+        check_covariance(covariance)
+        self.num_features, self.covariance = num_features, covariance
         d = num_features
         if reference is not None and reference.mu.shape != (d,):
             raise ValueError(f"reference mu has shape {tuple(reference.mu.shape)}, expected ({d},)")
@@ -180,7 +203,7 @@ class FrechetVideoDistance(Metric):
         if self.reference is not None:
             mu_r, sigma_r = self.reference.mu, self.reference.sigma
         else:
-            mu_r, sigma_r, _ = _gaussian(self.real_count, self.real_sum, self.real_outer)
-        mu_f, sigma_f, _ = _gaussian(self.fake_count, self.fake_sum, self.fake_outer)
+            mu_r, sigma_r, _ = _gaussian(self.real_count, self.real_sum, self.real_outer, self.covariance)
+        mu_f, sigma_f, _ = _gaussian(self.fake_count, self.fake_sum, self.fake_outer, self.covariance)
         fd = frechet_distance(mu_r.to(mu_f.device), sigma_r.to(mu_f.device), mu_f, sigma_f)
         return torch.tensor(fd, dtype=torch.float64)

@@ -13,7 +13,6 @@ file next to every FVD number, since FVD values are only comparable under the sa
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zipfile
 from collections.abc import Sequence
@@ -24,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import nn
+
+from vdm.utils.frames import to_uint8
+from vdm.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -240,18 +242,15 @@ def fvd_preprocess(videos: torch.Tensor, num_frames: int = 16, size: int = 224) 
     if t < MIN_FRAMES:
         raise ValueError(f"FVD needs at least {MIN_FRAMES} frames per video for I3D, got T={t}")
     x = videos[:, :, :num_frames]
-    if x.dtype == torch.uint8:
-        x = x.float()
-    else:
-        x = ((x.float() + 1.0) * 127.5).round().clamp(0.0, 255.0)
+    x = (x if x.dtype == torch.uint8 else to_uint8(x)).float()
     b = x.shape[0]
     frames = rearrange(x, "b c t h w -> (b t) c h w")
     frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False)
     x = rearrange(frames, "(b t) c h w -> b c t h w", b=b)
-    return x / 127.5 - 1.0
+    return x / 127.5 - 1.0  # uint8_to_float's scale, on the resized (not re-rounded) values
 
 
-def _is_torchscript(path: Path) -> bool:
+def is_torchscript(path: Path) -> bool:
     """True for a TorchScript archive (zip with ``constants.pkl`` / ``code/``), unlike torch.save zips."""
     if not zipfile.is_zipfile(path):
         return False
@@ -289,7 +288,7 @@ def load_i3d(path: str | Path, bn_eps: float = 1e-3) -> nn.Module:
             f"I3D weights not found at {path}: place the detector file there locally (e.g. the public "
             "i3d_pretrained_400.pt state dict or StyleGAN-V's i3d_torchscript.pt); nothing is downloaded"
         )
-    if _is_torchscript(path):
+    if is_torchscript(path):
         log.info("loading TorchScript I3D detector from %s", path)
         return TorchScriptI3d(torch.jit.load(str(path), map_location="cpu"))
     log.info("loading I3D state dict from %s", path)
@@ -301,8 +300,4 @@ def load_i3d(path: str | Path, bn_eps: float = 1e-3) -> nn.Module:
 
 def detector_hash(path: str | Path) -> str:
     """SHA-256 hex digest of the detector file, to record next to FVD values in metrics manifests."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)

@@ -9,6 +9,7 @@ MLP (``dit_layers.py``); a final adaLN layer maps each token back to its patch (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -37,6 +38,61 @@ def default_rope_axes_dim(head_dim: int) -> tuple[int, int, int]:
     return (head_dim - 2 * spatial, spatial, spatial)
 
 
+def check_heads(hidden_size: int, num_heads: int) -> None:
+    """Heads split the width into equal, even head widths (rotary embeddings rotate channel pairs)."""
+    if hidden_size % num_heads != 0:
+        valid = [d for d in range(1, hidden_size + 1) if hidden_size % d == 0 and hidden_size // d % 2 == 0]
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
+            f"pick num_heads from {valid}"
+        )
+    if (hidden_size // num_heads) % 2 != 0:
+        raise ValueError(
+            f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even for rotary "
+            f"embeddings; change hidden_size ({hidden_size}) or num_heads ({num_heads})"
+        )
+
+
+def token_grid(latent_thw: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """Token grid (T', H', W') of a latent (T, H, W) cut into (pt, ph, pw) patches; a size the patches do
+    not tile is refused."""
+    sizes, patch = tuple(int(s) for s in latent_thw), tuple(int(p) for p in patch_size)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"latent_thw must be three positive ints (T, H, W), got {latent_thw}")
+    if any(s % p for s, p in zip(sizes, patch)):
+        raise ValueError(
+            f"latent (T, H, W) = {sizes} must be divisible by patch_size {patch}; "
+            f"crop or pad the latents (or the video) to multiples of it"
+        )
+    return tuple(s // p for s, p in zip(sizes, patch))  # type: ignore[return-value]
+
+
+def check_fits(
+    in_channels: int, cond_channels: int, context_dim: int, *, latent_channels: int, text_dim: int,
+    image_conditioning: bool = False,
+) -> None:
+    """A DiT with these widths fits a VAE of ``latent_channels`` and a text encoder of width ``text_dim``
+    (and, with ``image_conditioning``, takes the first-frame condition: latent + mask channels). Each
+    message starts with the DiT argument at fault."""
+    channels = latent_channels
+    if in_channels != channels:
+        raise ValueError(
+            f"in_channels: {in_channels}, but the VAE export has {channels} latent channels; "
+            f"set in_channels={channels}"
+        )
+    if cond_channels not in (0, channels + 1):
+        raise ValueError(f"cond_channels: {cond_channels}, expected 0 or {channels + 1} (latent + mask)")
+    if image_conditioning and cond_channels == 0:
+        raise ValueError(
+            f"cond_channels: 0, but image-to-video (i2v_probability > 0) needs cond_channels={channels + 1}"
+        )
+    if context_dim != text_dim:
+        raise ValueError(
+            f"context_dim: {context_dim}, but the text encoder's width is {text_dim}; "
+            f"set context_dim={text_dim}"
+        )
+
+
 def _validate_config(
     in_channels: int,
     out_channels: int,
@@ -63,17 +119,7 @@ def _validate_config(
             f"depth, num_heads and context_dim must be >= 1 and mlp_ratio > 0, got depth={depth}, "
             f"num_heads={num_heads}, context_dim={context_dim}, mlp_ratio={mlp_ratio}"
         )
-    if hidden_size % num_heads != 0:
-        valid = [d for d in range(1, hidden_size + 1) if hidden_size % d == 0 and hidden_size // d % 2 == 0]
-        raise ValueError(
-            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
-            f"pick num_heads from {valid}"
-        )
-    if (hidden_size // num_heads) % 2 != 0:
-        raise ValueError(
-            f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even for rotary "
-            f"embeddings; change hidden_size ({hidden_size}) or num_heads ({num_heads})"
-        )
+    check_heads(hidden_size, num_heads)
     if attention not in ("full", "factorized"):
         raise ValueError(
             f"attention must be 'full' (joint over T*H*W tokens) or 'factorized' (spatial then temporal), "
@@ -282,12 +328,7 @@ class VideoDiT(nn.Module):
                 f"x must be (B, {channels}, T, H, W) = in_channels ({self.in_channels}) + cond_channels "
                 f"({self.cond_channels}) concatenated along C, got shape {tuple(x.shape)}"
             )
-        sizes = tuple(x.shape[2:])
-        if any(s % p for s, p in zip(sizes, self.patch_size)):
-            raise ValueError(
-                f"latent (T, H, W) = {sizes} must be divisible by patch_size {self.patch_size}; "
-                f"crop or pad the latents (or the video) to multiples of it"
-            )
+        grid = self.token_grid(x.shape[2:])
         batch = x.shape[0]
         if t.shape != (batch,):
             raise ValueError(f"t must have shape (B,) = ({batch},), got {tuple(t.shape)}")
@@ -300,7 +341,15 @@ class VideoDiT(nn.Module):
             raise ValueError(
                 f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
             )
-        return tuple(s // p for s, p in zip(sizes, self.patch_size))  # type: ignore[return-value]
+        return grid
+
+    def token_grid(self, latent_thw: Sequence[int]) -> tuple[int, int, int]:
+        """Token grid (T', H', W') of a latent (T, H, W): each size divided by the patch size."""
+        return token_grid(latent_thw, self.patch_size)
+
+    def num_tokens(self, latent_thw: Sequence[int]) -> int:
+        """Number of video tokens S = T' * H' * W' the DiT sees for one latent of size (T, H, W)."""
+        return math.prod(self.token_grid(latent_thw))
 
     def _micro_embedding(
         self, fps: torch.Tensor | None, size: torch.Tensor | None, batch: int
@@ -342,11 +391,3 @@ class VideoDiT(nn.Module):
             return RopeTables(full=self.rope.tables(grid, device))
         spatial = self.rope.tables((1, grid[1], grid[2]), device)
         return RopeTables(spatial=spatial, temporal=self.rope.tables((grid[0], 1, 1), device))
-
-    def flops_per_sample(self, t: int, h: int, w: int, context_len: int) -> int:
-        """Forward matmul FLOPs for one sample of latent size (t, h, w) and ``context_len`` real text
-        tokens (``vdm.utils.flops.dit_flops``; training ~ 3x this)."""
-        from vdm.utils.flops import dit_flops  # it imports this module
-
-        return dit_flops(self, (t, h, w), context_len)
-

@@ -22,7 +22,6 @@ diffusion checkpoint does not carry gigabytes of T5 weights.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vdm.utils.devices import to_device_nonblocking
+from vdm.utils.hashing import sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ MODEL_TYPES: dict[str, tuple[str, ...]] = {"t5": ("t5", "mt5", "umt5"), "clip": 
 _NO_DOWNLOAD_HINT = (
     "nothing is downloaded: place the encoder there locally (model.save_pretrained(dir) and "
     "tokenizer.save_pretrained(dir) on a machine with network access, then copy the folder), "
-    "or build an untrained stand-in with `python -m data_prep.text_encoder --out DIR`"
+    "or build an untrained stand-in with `python -m data_prep.standin_text_encoder --out DIR`"
 )
 
 
@@ -88,27 +87,7 @@ def encoder_files(path: str | Path) -> list[Path]:
 
 def fingerprint(files: list[Path]) -> str:
     """sha256 (hex) over the files' names (not their folder) and contents, in the given order."""
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
-    """Replace each caption by "" with probability ``p`` (caption dropout for classifier-free guidance).
-
-    One uniform draw per caption from ``generator`` (the global RNG when None), whatever ``p``, so a
-    seeded generator gives the same choices for the same batch size.
-    """
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"caption dropout probability must be in [0, 1], got {p}")
-    if not captions:
-        return []
-    drop = torch.rand(len(captions), generator=generator) < p  # rand is in [0, 1): p=1 drops all
-    return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+    return sha256_files((file.name, file) for file in files)
 
 
 class TextEncoder(nn.Module):
@@ -219,8 +198,9 @@ class TextEncoder(nn.Module):
                                 return_tensors="pt")
         mask = tokens["attention_mask"].bool()  # B L, on the host: no device sync to fix empty rows
         mask[:, 0] |= ~mask.any(dim=1)
-        ids = to_device_nonblocking(tokens["input_ids"], device)  # B L
-        mask = to_device_nonblocking(mask, device)
+        # a few hundred bytes: an asynchronous copy from pageable memory is staged at once
+        ids = tokens["input_ids"].to(device, non_blocking=True)  # B L
+        mask = mask.to(device, non_blocking=True)
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.layer != "last")
         h = out.hidden_states[-2] if self.layer == "penultimate" else out.last_hidden_state  # B L D
         return h.float() * mask[..., None], mask

@@ -152,6 +152,32 @@ class Decoder3d(nn.Module):
         return rearrange(out, "b (c ph pw) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)  # B C T H W
 
 
+def compression(
+    patch_size: int, channel_mults: Sequence[int], temporal_downsample: Sequence[bool]
+) -> tuple[int, int]:
+    """(spatial, temporal) compression of a VideoVAE with these arguments: H and W shrink by
+    patch_size * 2 ** (levels - 1); T = 1 + temporal * k frames become 1 + k latent frames."""
+    return patch_size * 2 ** (len(channel_mults) - 1), 2 ** sum(bool(x) for x in temporal_downsample)
+
+
+def check_video_size(frames: int, height: int, width: int, spatial: int, temporal: int) -> None:
+    """Raise ValueError naming the nearest valid sizes when a (T, H, W) video cannot be compressed
+    ``spatial`` x along H and W and ``temporal`` x along T (causally: T = 1 + temporal * k)."""
+    if frames < 1 or (frames - 1) % temporal != 0:
+        lower = 1 + temporal * max((frames - 1) // temporal, 0)
+        raise ValueError(
+            f"number of frames must be T = 1 + {temporal}*k (temporal_compression={temporal}); "
+            f"got T={frames}, use T={lower} or T={lower + temporal}"
+        )
+    for name, size in (("H", height), ("W", width)):
+        if size < spatial or size % spatial != 0:
+            lower = max(spatial * (size // spatial), spatial)
+            raise ValueError(
+                f"{name} must be a positive multiple of spatial_compression={spatial}; got {name}={size}, "
+                f"use {name}={lower} or {name}={lower + spatial}"
+            )
+
+
 def _validate_config(
     patch_size: int,
     in_channels: int,
@@ -315,12 +341,12 @@ class VideoVAE(nn.Module):
     @property
     def spatial_compression(self) -> int:
         """Pixels per latent along H and W: patch_size * 2 ** (number of downsampling levels)."""
-        return self.patch_size * 2 ** (len(self.channel_mults) - 1)
+        return compression(self.patch_size, self.channel_mults, self.temporal_downsample)[0]
 
     @property
     def temporal_compression(self) -> int:
         """Frames per latent frame after the first (T = 1 + tc * (Tz - 1))."""
-        return 2 ** sum(self.temporal_downsample)
+        return compression(self.patch_size, self.channel_mults, self.temporal_downsample)[1]
 
     @property
     def last_decoder_layer(self) -> nn.Parameter:
@@ -419,19 +445,6 @@ class VideoVAE(nn.Module):
 
     def _check_video_dims(self, channels: int, frames: int, height: int, width: int) -> None:
         """Raise ValueError naming the nearest valid sizes when a video cannot be compressed."""
-        sc, tc = self.spatial_compression, self.temporal_compression
         if channels != self.in_channels:
             raise ValueError(f"expected {self.in_channels} video channels, got {channels}")
-        if frames < 1 or (frames - 1) % tc != 0:
-            lower = 1 + tc * max((frames - 1) // tc, 0)
-            raise ValueError(
-                f"number of frames must be T = 1 + {tc}*k (temporal_compression={tc}); got T={frames}, "
-                f"use T={lower} or T={lower + tc}"
-            )
-        for name, size in (("H", height), ("W", width)):
-            if size < sc or size % sc != 0:
-                lower = max(sc * (size // sc), sc)
-                raise ValueError(
-                    f"{name} must be a positive multiple of spatial_compression={sc}; got {name}={size}, "
-                    f"use {name}={lower} or {name}={lower + sc}"
-                )
+        check_video_size(frames, height, width, self.spatial_compression, self.temporal_compression)

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vdm.utils.hashing import sha256_file, sha256_files
+from vdm.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,9 @@ def checkpoint_hash(path: str | Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for rel, file in files:
-        if path.is_dir():
-            # the names enter the hash so that renaming or moving a file changes it
-            digest.update(rel.encode("utf-8") + b"\0")
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_file(path)
+    # the relative paths enter the hash so that renaming or moving a file changes it
+    return sha256_files(sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file()))
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -123,15 +114,8 @@ def save_export(checkpoint: LoadedCheckpoint, path: str | Path) -> Path:
         "vdm_source_sha256": checkpoint.sha256,
         "vdm_source_format": checkpoint.format,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

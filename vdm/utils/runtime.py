@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vdm.utils.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -70,10 +72,8 @@ def save_resolved_config(cfg: Mapping[str, Any], output_dir: str | Path) -> Path
     """Write ``config_resolved.yaml`` into the run's output dir (rank zero only) and return its path."""
     if _global_rank() != 0:
         return None
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config_resolved.yaml"
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+    text = OmegaConf.to_yaml(OmegaConf.create(dict(cfg)))
+    path = atomic_write(Path(output_dir) / "config_resolved.yaml", text)
     log.info("resolved config written to %s", path)
     return path
 
@@ -97,7 +97,6 @@ def save_run_metrics(metrics: Mapping[str, float], output_dir: str | Path) -> Pa
         return None
     import json
 
-    path = Path(output_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metrics": dict(metrics)}, sort_keys=True, indent=2) + "\n")
-    return path
+    # the pipeline takes this file as "stage finished": it must never be seen half written
+    return atomic_write(Path(output_dir) / "metrics.json",
+                        json.dumps({"metrics": dict(metrics)}, sort_keys=True, indent=2) + "\n")

@@ -12,7 +12,6 @@ Stage 2 normalizes latents as (z - mean) / std and refuses an export whose hash 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -24,6 +23,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vdm.utils.hashing import sha256_files
+from vdm.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +82,7 @@ def compute_latent_stats(
 
 
 def _sha256_files(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for name in HASHED_FILES:
-        digest.update(name.encode())
-        digest.update((directory / name).read_bytes())
-    return digest.hexdigest()
+    return sha256_files((name, directory / name) for name in HASHED_FILES)
 
 
 def export_vae(model: torch.nn.Module, config: Mapping[str, Any], stats: LatentStats,
@@ -93,24 +91,14 @@ def export_vae(model: torch.nn.Module, config: Mapping[str, Any], stats: LatentS
     out = Path(out_dir)
     if "_target_" not in config or not str(config["_target_"]).startswith(_ALLOWED_PREFIX):
         raise ExportError(f"config needs a _target_ under {_ALLOWED_PREFIX}, got {config.get('_target_')!r}")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    (tmp / "latent_stats.json").write_text(json.dumps(asdict(stats), indent=2))
-    vae_hash = _sha256_files(tmp)
-    manifest = {"vae_hash": vae_hash, "files": list(HASHED_FILES)}
-    (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old")
-        out.rename(backup)
-        tmp.rename(out)
-        for f in backup.iterdir():
-            f.unlink()
-        backup.rmdir()
-    else:
-        tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+        (tmp / "latent_stats.json").write_text(json.dumps(asdict(stats), indent=2))
+        vae_hash = _sha256_files(tmp)
+        manifest = {"vae_hash": vae_hash, "files": list(HASHED_FILES)}
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
     log.info("VAE export written to %s (hash %s)", out, vae_hash[:12])
     return vae_hash
 

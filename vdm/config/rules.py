@@ -1,7 +1,7 @@
 """vdm's own config rules: ranges and cross-field constraints that signatures cannot express.
 
 Each rule fails with a ``ConfigError`` naming the key, the value and what is allowed, before anything heavy
-runs (``vdm.utils.config_check.validate_config`` calls ``check_project_rules`` on the resolved config).
+runs (``vdm.config.check.validate_config`` calls ``check_project_rules`` on the resolved config).
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from vdm.metrics.clip_score import CLIP_AGGREGATIONS
+from vdm.metrics.frechet import COVARIANCES
+from vdm.models.dit import check_fits, check_heads, token_grid
+from vdm.models.vae import check_video_size, compression
 
 
 class ConfigError(ValueError):
@@ -52,7 +57,7 @@ def check_project_rules(cfg: Mapping) -> None:
     _require(cfg, "module.ema_decay", below_one, "a value in [0, 1)")
     _require(cfg, "module.grad_clip", lambda v: isinstance(v, (int, float)) and v > 0, "null or a norm > 0")
     if _get(cfg, "module._target_") == "vdm.lightning.vae_module.VAEModule":
-        _check_vae_shapes(cfg)
+        _check_vae_shapes(cfg, _get(cfg, "model.vae") or {})
     if _get(cfg, "module._target_") == "vdm.lightning.diffusion_module.DiffusionModule":
         _check_diffusion(cfg)
     _check_metric_weights(cfg)
@@ -154,8 +159,14 @@ def _check_strategy(cfg: Mapping) -> None:
             "use strategy=ddp or strategy=fsdp, or train without the GAN (module.discriminator=null "
             "module.disc_optimizer=null)"
         )
+
+
 def _check_metric_weights(cfg: Mapping) -> None:
     """Metric weights exist locally, and FVD's I3D gets enough frames (its logits pool needs >= 9)."""
+    _require(cfg, "metrics.i3d_bn_eps", lambda v: isinstance(v, (int, float)) and v > 0, "an epsilon > 0")
+    _require(cfg, "metrics.fvd_covariance", lambda v: v in COVARIANCES, f"one of {list(COVARIANCES)}")
+    _require(cfg, "metrics.clip_aggregation", lambda v: v in CLIP_AGGREGATIONS,
+             f"one of {list(CLIP_AGGREGATIONS)}")
     for key in ("metrics.clip_path", "metrics.i3d_path"):
         path = _get(cfg, key)
         if path is not None and not Path(str(path)).exists():
@@ -165,25 +176,29 @@ def _check_metric_weights(cfg: Mapping) -> None:
         raise ConfigError(f"data.num_frames: {frames}, but FVD (metrics.i3d_path) needs clips of >= 9 frames")
 
 
-def _check_vae_shapes(cfg: Mapping, vae_key: str = "model") -> None:
-    """Clip shape must fit the VAE's compression: T = 1 + tc * k, H and W multiples of sc."""
-    mults = _get(cfg, f"{vae_key}.channel_mults")
-    tdown = _get(cfg, f"{vae_key}.temporal_downsample")
+def _vae_compression(vae: Mapping) -> tuple[int, int] | None:
+    """(spatial, temporal) compression of a VAE config (None when it does not say)."""
+    mults, tdown, patch = vae.get("channel_mults"), vae.get("temporal_downsample"), vae.get("patch_size")
     if mults is None or tdown is None:
+        return None
+    return compression(patch if isinstance(patch, int) else 1, mults, tdown)
+
+
+def _check_vae_shapes(cfg: Mapping, vae: Mapping) -> None:
+    """The clip shape fits the VAE's compression (the VAE's own rule: T = 1 + tc * k, H and W multiples of
+    sc)."""
+    factors = _vae_compression(vae)
+    sizes = [_get(cfg, f"data.{k}") for k in ("num_frames", "height", "width")]
+    if factors is None or not all(isinstance(x, int) for x in sizes):
         return
-    patch = _get(cfg, f"{vae_key}.patch_size")
-    sc = (patch if isinstance(patch, int) else 1) * 2 ** (len(mults) - 1)
-    tc = 2 ** sum(bool(x) for x in tdown)
-    frames, h, w = (_get(cfg, f"data.{k}") for k in ("num_frames", "height", "width"))
-    if isinstance(frames, int) and (frames - 1) % tc:
-        ok = [1 + tc * k for k in range(1, 5)]
+    sc, tc = factors
+    try:
+        check_video_size(*sizes, spatial=sc, temporal=tc)
+    except ValueError as err:
         raise ConfigError(
-            f"data.num_frames: {frames} does not fit the VAE's {tc}x temporal compression "
-            f"(needs 1 + {tc}k frames, e.g. {ok})"
-        )
-    for key, size in (("data.height", h), ("data.width", w)):
-        if isinstance(size, int) and size % sc:
-            raise ConfigError(f"{key}: {size} is not a multiple of the VAE's {sc}x spatial compression")
+            f"data.num_frames, data.height, data.width = {', '.join(map(str, sizes))} do not fit the VAE's "
+            f"{tc}x temporal and {sc}x spatial compression: {err}"
+        ) from None
 
 
 def _check_diffusion(cfg: Mapping) -> None:
@@ -196,20 +211,19 @@ def _check_diffusion(cfg: Mapping) -> None:
             "train stage 1 first (python train.py stage=vae writes <output_dir>/vae_export)"
         )
     vae = json.loads(config_file.read_text())
-    _check_vae_shapes({**cfg, "vae": vae}, "vae")
-    channels = int(vae.get("latent_channels", 0))
-    in_channels, cond = _get(cfg, "model.dit.in_channels"), _get(cfg, "model.dit.cond_channels") or 0
-    if in_channels is not None and in_channels != channels:
-        raise ConfigError(f"model.dit.in_channels: {in_channels}, but the VAE export has {channels} channels")
-    if cond not in (0, channels + 1):
-        raise ConfigError(f"model.dit.cond_channels: {cond}, expected 0 or {channels + 1} (latent + mask)")
-    if (_get(cfg, "module.i2v_probability") or 0) > 0 and cond == 0:
-        raise ConfigError(f"module.i2v_probability: > 0 needs model.dit.cond_channels={channels + 1}")
+    _check_vae_shapes(cfg, vae)
+    dit = _get(cfg, "model.dit") or {}
+    channels, text_dim = int(vae.get("latent_channels", 0)), _text_encoder_width(cfg)
+    context_dim = dit.get("context_dim")
+    if text_dim is None or context_dim is None:  # nothing to compare
+        text_dim = context_dim = 0
+    try:
+        check_fits(dit.get("in_channels") or channels, dit.get("cond_channels") or 0, context_dim,
+                   latent_channels=channels, text_dim=text_dim,
+                   image_conditioning=(_get(cfg, "module.i2v_probability") or 0) > 0)
+    except ValueError as err:
+        raise ConfigError(f"model.dit.{err}") from None
     _check_dit_shapes(cfg, vae)
-    text_dim = _text_encoder_width(cfg)
-    context_dim = _get(cfg, "model.dit.context_dim")
-    if text_dim is not None and context_dim is not None and context_dim != text_dim:
-        raise ConfigError(f"model.dit.context_dim: {context_dim}, but the text encoder's width is {text_dim}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -217,31 +231,31 @@ def _divisors(n: int) -> list[int]:
 
 
 def _check_dit_shapes(cfg: Mapping, vae: Mapping) -> None:
-    """DiT patches tile the latent clip exactly, and its heads split its width into even RoPE halves."""
+    """The DiT's own rules: heads split its width into even head widths, and its patches tile the latent
+    clip exactly."""
     hidden, heads = _get(cfg, "model.dit.hidden_size"), _get(cfg, "model.dit.num_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        if hidden % heads or (hidden // heads) % 2:
-            valid = [d for d in _divisors(hidden) if (hidden // d) % 2 == 0]
-            raise ConfigError(
-                f"model.dit.num_heads: {heads} does not split model.dit.hidden_size={hidden} into even head "
-                f"widths; allowed: {valid}"
-            )
+        try:
+            check_heads(hidden, heads)
+        except ValueError as err:
+            raise ConfigError(f"model.dit.num_heads: {heads}: {err}") from None
     patch = _get(cfg, "model.dit.patch_size")
-    mults, tdown = vae.get("channel_mults"), vae.get("temporal_downsample")
+    factors = _vae_compression(vae)
     frames, h, w = (_get(cfg, f"data.{k}") for k in ("num_frames", "height", "width"))
-    if not (isinstance(patch, list) and len(patch) == 3 and mults and tdown is not None):
+    if not (isinstance(patch, list) and len(patch) == 3 and factors is not None):
         return
     if not all(isinstance(x, int) for x in (frames, h, w)):
         return
-    sc = (vae.get("patch_size") or 1) * 2 ** (len(mults) - 1)
-    tc = 2 ** sum(bool(x) for x in tdown)
+    sc, tc = factors
     latent = ((frames - 1) // tc + 1, h // sc, w // sc)
-    if any(size % p for size, p in zip(latent, patch)):
+    try:
+        token_grid(latent, patch)
+    except ValueError:
         allowed = ", ".join(f"{axis} in {_divisors(size)}" for axis, size in zip("thw", latent))
         raise ConfigError(
             f"model.dit.patch_size: {patch} does not divide the latent clip (T, H, W) = {latent} of "
             f"data.num_frames={frames}, data.height={h}, data.width={w}; allowed per axis: {allowed}"
-        )
+        ) from None
 
 
 def _text_encoder_width(cfg: Mapping) -> int | None:

@@ -86,23 +86,6 @@ def _check_batch(batch: int) -> None:
 # --- DiT ---------------------------------------------------------------------------------------
 
 
-def token_grid(model: VideoDiT, latent_thw: Sequence[int]) -> Shape3:
-    """Token grid (T', H', W') of a latent (T, H, W): each size divided by the patch size."""
-    sizes = tuple(int(s) for s in latent_thw)
-    if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"latent_thw must be three positive ints (T, H, W) of the latent, got {latent_thw}")
-    if any(s % p for s, p in zip(sizes, model.patch_size)):
-        raise ValueError(
-            f"latent (T, H, W) = {sizes} must be divisible by the DiT's patch_size {model.patch_size}"
-        )
-    return tuple(s // p for s, p in zip(sizes, model.patch_size))  # type: ignore[return-value]
-
-
-def tokens_per_sample(model: VideoDiT, latent_thw: Sequence[int]) -> int:
-    """Number of video tokens S = T' * H' * W' the DiT sees for one latent of size (T, H, W)."""
-    return math.prod(token_grid(model, latent_thw))
-
-
 def _self_attention(attn: SelfAttention, width: int, tokens: int, groups: int, group_len: int) -> int:
     """Projections over all ``tokens`` and attention products within ``groups`` of ``group_len``."""
     projections = _linear(attn.qkv, tokens) + _linear(attn.proj, tokens)
@@ -147,7 +130,7 @@ def dit_flops_breakdown(model: VideoDiT, latent_thw: Sequence[int], context_len:
     """
     if context_len < 0:
         raise ValueError(f"context_len (real text tokens) must be >= 0, got {context_len}")
-    grid = token_grid(model, latent_thw)
+    grid = model.token_grid(latent_thw)
     tokens, width = math.prod(grid), model.hidden_size
     embedders = [model.t_embedder, *model.micro_embedders.values(), *_pooled(model)]
     text_linears = [m for m in model.context_embedder if isinstance(m, nn.Linear)]
@@ -225,7 +208,7 @@ def _block(block: nn.Module, thw: Shape3) -> tuple[int, Shape3]:
         frames = 1 + 2 * (thw[0] - 1) if block.temporal else thw[0]
         return _conv(block.conv, (frames, 2 * thw[1], 2 * thw[2]))
     raise TypeError(
-        f"no FLOP rule for VAE block {type(block).__name__}; add one to vdm/utils/flops.py (_block)"
+        f"no FLOP rule for VAE block {type(block).__name__}; add one to vdm/models/flops.py (_block)"
     )
 
 

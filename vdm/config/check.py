@@ -3,7 +3,7 @@
 Every node with a ``_target_`` is checked against the signature of the callable it names: unknown keys
 (typos such as ``trainer.max_stepz``) and values whose type cannot match the annotation fail here, with the
 full key in the message, instead of minutes later inside a constructor or a worker process. Range and
-cross-field rules that signatures cannot express live in ``vdm.utils.config_rules``.
+cross-field rules that signatures cannot express live in ``vdm.config.rules``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vdm.utils.config_rules import ConfigError, check_project_rules
+from vdm.config.rules import ConfigError, check_project_rules
 
 _HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 
@@ -125,7 +125,7 @@ def _check_target_node(key: str, node: Mapping) -> None:
 
 
 # arguments that train.py passes at instantiation time rather than from YAML
-_INJECTED = {"module": {"model", "optimizer", "dit", "text_encoder"}}
+_INJECTED = {"module": {"vae", "optimizer", "dit", "text_encoder"}}
 
 
 def _injected(key: str, name: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import webdataset as wds
 
-from tests.media import encode_video, moving_square_frames
+from tests.helpers.media import encode_video, moving_square_frames
 
 
 @dataclass

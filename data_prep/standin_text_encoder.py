@@ -1,6 +1,6 @@
 """Small randomly initialised text encoders saved in Hugging Face layout, for offline and CPU runs.
 
-    python -m data_prep.text_encoder --out DIR [--kind t5|clip] [--vocab-from-captions FILE ...]
+    python -m data_prep.standin_text_encoder --out DIR [--kind t5|clip] [--vocab-from-captions FILE ...]
 
 The result is an UNTRAINED stand-in, not a pretrained language model: a word-level tokenizer over a
 fixed vocabulary and a tiny T5 encoder or CLIP text tower with seeded random weights. Its embeddings
@@ -30,13 +30,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 
 from vdm.models.text_encoder import encoder_files
+from vdm.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -227,18 +227,8 @@ def ensure_random_text_encoder(
             return root
         if state == "occupied":
             raise FileExistsError(f"{root} exists and holds no text encoder; refusing to replace it")
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic_dir(root) as tmp:
             build_random_text_encoder(tmp, kind, words, hidden_size, num_layers, num_heads, max_length, seed)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        if root.exists():
-            os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
     return root
 
 
@@ -278,7 +268,8 @@ def _lock(path: Path) -> Iterator[None]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = argparse.ArgumentParser(prog="python -m data_prep.text_encoder", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m data_prep.standin_text_encoder",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="encoder folder (reused when its options match)")
     p.add_argument("--kind", choices=sorted(SPECIAL_TOKENS), default="t5")

@@ -1,0 +1,1 @@
+"""Shared builders for the tests: media, shard corpora, configs and tiny modules."""
