@@ -47,6 +47,9 @@ def use_checkpoint_config(cfg: DictConfig, stored: dict, overrides: list[str], c
     except for the model's architecture, which the weights fix (its file locations may move)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    model = stored.get("model")
+    if isinstance(model, dict) and "_target_" in model:  # a stage-1 config from before model.vae
+        stored = {**stored, "model": {"vae": model}}
     with open_dict(cfg):
         for key in RUN_KEYS:
             if key in stored:

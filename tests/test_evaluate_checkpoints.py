@@ -69,3 +69,16 @@ def test_evaluate_deepspeed_directory_and_its_safetensors_export(
     assert json.loads((out / "metrics.json").read_text())["protocol"]["checkpoint_format"] == "safetensors"
     assert {p.name: p.read_bytes() for p in (out / "videos").glob("*.mp4")} == videos
     assert again["clip_score"] == pytest.approx(first["clip_score"], rel=1e-9)
+
+
+def test_a_stage1_checkpoint_of_the_flat_model_layout_still_evaluates(tmp_path: Path) -> None:
+    """Stage-1 configs stored before ``model.vae`` held the VAE node at ``model`` itself."""
+    from omegaconf import OmegaConf
+
+    from evaluate import use_checkpoint_config
+
+    cfg = OmegaConf.create({"model": None, "module": None})
+    stored = {"model": {"_target_": "vdm.models.vae.VideoVAE", "latent_channels": 16}, "module": {"x": 1}}
+    use_checkpoint_config(cfg, stored, [], tmp_path / "old.ckpt")
+    assert cfg.model.vae._target_ == "vdm.models.vae.VideoVAE" and cfg.model.vae.latent_channels == 16
+    assert stored["model"]["_target_"] == "vdm.models.vae.VideoVAE"  # the caller's dict is left as it was

@@ -75,3 +75,17 @@ def video_seed(spec: PromptSpec, prompt_idx: int, sample_idx: int, base_seed: in
     """``(spec.seed if given else base_seed + prompt_idx) + sample_idx * 1_000_003``."""
     start = spec.seed if spec.seed is not None else base_seed + prompt_idx
     return start + sample_idx * SAMPLE_SEED_STRIDE
+
+
+def select_prompts(
+    prompts: list[str] | None,
+    prompts_file: str | None,
+    num_prompts: int | None,
+    owner: str = "DiffusionSamples",
+) -> list[str]:
+    """The first ``num_prompts`` (None: all) of ``prompts``, else of ``prompts_file`` (txt or jsonl)."""
+    if prompts:
+        return list(prompts)[:num_prompts]
+    if not prompts_file:
+        raise ValueError(f"{owner}: give `prompts` or `prompts_file`")
+    return [spec.prompt for spec in read_prompts(prompts_file)][:num_prompts]

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from vdm.data.encode import encode_frames
 from vdm.eval.generation import ENCODE_OPTIONS
-from vdm.eval.prompts import read_prompts
+from vdm.eval.prompts import select_prompts
 from vdm.lightning.strategies import param_dtype
 from vdm.utils.frames import to_uint8_frames
 from vdm.utils.vae_export import compute_latent_stats, export_vae
@@ -135,20 +135,6 @@ class VAEExportCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({"vae_hash": vae_hash})
         return vae_hash
-
-
-def select_prompts(
-    prompts: list[str] | None,
-    prompts_file: str | None,
-    num_prompts: int | None,
-    owner: str = "DiffusionSamples",
-) -> list[str]:
-    """The first ``num_prompts`` (None: all) of ``prompts``, else of ``prompts_file`` (txt or jsonl)."""
-    if prompts:
-        return list(prompts)[:num_prompts]
-    if not prompts_file:
-        raise ValueError(f"{owner}: give `prompts` or `prompts_file`")
-    return [spec.prompt for spec in read_prompts(prompts_file)][:num_prompts]
 
 
 class DiffusionSamples(L.Callback):

@@ -21,9 +21,8 @@ import lightning as L
 import torch
 
 from vdm.eval.attributes import AttributeCounts, score_videos
-from vdm.eval.prompts import PromptSpec, read_prompts, video_seed
+from vdm.eval.prompts import PromptSpec, read_prompts, select_prompts, video_seed
 from vdm.eval.text_to_video import fvd_protocol, real_videos, update_features
-from vdm.lightning.callbacks import select_prompts
 from vdm.metrics.clip_score import ClipAggregation, CLIPScore, CLIPScorer
 from vdm.metrics.frechet import (
     Covariance,
